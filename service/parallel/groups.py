@@ -1,0 +1,72 @@
+"""Process groups for a `ParallelLayout`.
+
+`dist.new_group` is collective over the *whole* world: every rank must create
+every subgroup, in the same order, even groups it is not a member of (NCCL
+hangs otherwise). `create_groups` does exactly that, right after
+`init_process_group`, and keeps only the two groups this rank belongs to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+from service.parallel.layout import ParallelLayout
+
+
+@dataclass
+class RankGroups:
+    """This rank's place in the layout and the groups it talks over."""
+
+    layout: ParallelLayout
+    rank: int
+    # None when the group would have a single member (no communication needed).
+    tower_group: Optional[dist.ProcessGroup]
+    data_parallel_group: Optional[dist.ProcessGroup]
+
+    @property
+    def replica(self) -> int:
+        return self.layout.replica_of(self.rank)
+
+    @property
+    def tower(self) -> int:
+        return self.layout.tower_of(self.rank)
+
+    @property
+    def tower_leader_rank(self) -> int:
+        """Global rank of tower 0 of this replica: it reads the data."""
+        return self.layout.rank_of(self.replica, 0)
+
+
+def create_groups(layout: ParallelLayout) -> RankGroups:
+    """Create all tower and data-parallel groups (collective; call on every rank)."""
+    if not dist.is_initialized():
+        raise RuntimeError("create_groups needs an initialised default process group")
+    world = dist.get_world_size()
+    if world != layout.world_size:
+        raise ValueError(
+            f"process group has {world} ranks but the layout needs {layout.describe()}"
+        )
+    rank = dist.get_rank()
+    tower_group = None
+    data_parallel_group = None
+    if layout.towers > 1:
+        for replica in range(layout.replicas):
+            group = dist.new_group(layout.tower_group_ranks(replica))
+            if layout.replica_of(rank) == replica:
+                tower_group = group
+    if layout.replicas > 1:
+        for tower in range(layout.towers):
+            group = dist.new_group(layout.data_parallel_ranks(tower))
+            if layout.tower_of(rank) == tower:
+                data_parallel_group = group
+    return RankGroups(layout, rank, tower_group, data_parallel_group)
+
+
+def single_process_groups(layout: ParallelLayout) -> RankGroups:
+    """Groups for a 1 replica × 1 tower run that needs no process group."""
+    if layout.world_size != 1:
+        raise ValueError(f"single_process_groups needs a world of 1, not {layout.describe()}")
+    return RankGroups(layout, 0, None, None)

@@ -1,0 +1,46 @@
+"""Run a function on N local processes joined by a gloo process group.
+
+Used by the multi-process tests and the CPU benchmark: no Ray, just
+`torch.distributed` over TCP on 127.0.0.1, as `torchrun` would set it up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable, world_size: int, port: int, threads: int, args: tuple) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_processes(fn: Callable, world_size: int, *args, threads: int = 1) -> None:
+    """Call `fn(rank, world_size, *args)` on `world_size` spawned processes.
+
+    Raises if any process fails (with its traceback)."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.start_processes(
+        _entry,
+        args=(fn, world_size, free_port(), threads, args),
+        nprocs=world_size,
+        join=True,
+        start_method="spawn",
+    )
