@@ -36,14 +36,14 @@ app.kubernetes.io/part-of: alexnet
 
 {{/* Labels of one component: (list $ "component"). */}}
 {{- define "alexnet.componentLabels" -}}
-{{- $root := index . 0 }}
+{{- $root := index . 0 -}}
 {{ include "alexnet.labels" $root }}
 app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 
 {{/* Selector labels of one component: (list $ "component"). */}}
 {{- define "alexnet.componentSelector" -}}
-{{- $root := index . 0 }}
+{{- $root := index . 0 -}}
 {{ include "alexnet.selectorLabels" $root }}
 app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
@@ -225,7 +225,7 @@ seccompProfile:
 {{- $r := dict "cpu" (toString .cpu) "memory" (toString .memory) }}
 {{- if .gpu }}
 {{- $_ := set $r .gpuName (toString .gpu) }}
-{{- end }}
+{{- end -}}
 requests:
   {{- toYaml $r | nindent 2 }}
 limits:
@@ -300,7 +300,7 @@ imagePullSecrets:
 {{/* Pod template of a Ray node: (dict "root" $ "component" "ray-head"|"ray-worker" "group" <values> "gpu" n). */}}
 {{- define "alexnet.rayPodTemplate" -}}
 {{- $root := .root }}
-{{- $g := .group }}
+{{- $g := .group -}}
 metadata:
   labels:
     {{- include "alexnet.componentLabels" (list $root .component) | nindent 4 }}

@@ -1,0 +1,1 @@
+"""Distributed two-tower AlexNet training: Ray Train + Ray Data + MLflow + Hydra."""

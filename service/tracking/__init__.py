@@ -1,0 +1,1 @@
+"""MLflow tracking: the one adapter module, redaction of secrets, figures."""

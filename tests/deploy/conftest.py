@@ -1,0 +1,83 @@
+"""Fixtures of the deployment tests: the chart rendered by the real Helm engine
+(helm-python-sdk, no helm binary, no cluster) and offline schema validators."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jsonschema
+import pytest
+import yaml
+
+# The test modules import their helpers from deploy_support.py beside this file,
+# whatever pytest import mode the project uses.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from deploy_support import (  # noqa: E402
+    CHART,
+    KUBERAY_SCHEMAS,
+    MINIMAL_VALUES,
+    NAMESPACE,
+    RELEASE,
+    Rendered,
+    crd_validators_from,
+    load_values,
+    values_cases,
+)
+
+
+@pytest.fixture(scope="session")
+def crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
+    """JSON Schema validators of the KubeRay CRDs, keyed by (apiVersion, kind)."""
+    needed = ("ray.io_rayjobs.yaml", "ray.io_rayclusters.yaml")
+    missing = [name for name in needed if not (KUBERAY_SCHEMAS / name).is_file()]
+    if missing:
+        pytest.skip(f"KubeRay CRD schemas not found: {missing} under {KUBERAY_SCHEMAS} "
+                    "(expected the shared/ folder beside the repository)")
+    return crd_validators_from(KUBERAY_SCHEMAS)
+
+
+# ---------- the Helm engine ----------
+
+@pytest.fixture(scope="session")
+def helm():
+    """The helm-python-sdk module (Helm's Go library through ctypes)."""
+    helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
+    helm_python.disable_logging()
+    return helm_python
+
+
+@pytest.fixture(scope="session")
+def chart(helm):
+    """The loaded chart."""
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="session")
+def render(chart) -> Callable[..., Rendered]:
+    """render(values) -> Rendered, as `helm template demo <chart> -n ml -f values` would."""
+    cache: dict[str, Rendered] = {}
+
+    def _render(values: dict[str, Any]) -> Rendered:
+        key = yaml.safe_dump(values, sort_keys=True)
+        if key not in cache:
+            manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+            cache[key] = Rendered(manifests, values)
+        return cache[key]
+
+    return _render
+
+
+@pytest.fixture(scope="session")
+def minimal_values() -> dict[str, Any]:
+    """The fewest values the chart renders with (secret names and S3 locations)."""
+    return load_values(MINIMAL_VALUES)
+
+
+@pytest.fixture(params=values_cases())
+def case(request, render) -> Rendered:
+    """One render case (parametrized over `values_cases`)."""
+    return render(load_values(request.param))
