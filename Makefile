@@ -11,9 +11,8 @@ STAMP  := $(VENV)/.installed
 
 # Telemetry off: these machines (and CI) have no network.
 export RAY_USAGE_STATS_ENABLED := 0
-export MLFLOW_ENABLE_TELEMETRY := false
 export MLFLOW_DISABLE_TELEMETRY := true
-export DO_NOT_TRACK := 1
+export DO_NOT_TRACK := true
 
 .PHONY: help install demo test test-fast bench bench-gpu model-table ui clean
 

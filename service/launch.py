@@ -50,22 +50,27 @@ def check_before_start(cfg: Config, num_classes: int):
 def prepare_data(cfg: Config):
     """The Ray Data pipeline over `data.root`, generating a demo dataset when
     no root is given."""
-    from service.data.pipeline import build_pipeline, generate_demo_dataset
+    from dataclasses import replace
+    from pathlib import Path
+
+    from service.data.demo import generate_demo_dataset
+    from service.data.pipeline import build_pipeline
 
     data_cfg = cfg.data
     if not data_cfg.root:
+        # Absolute: Ray Data tasks and train workers run with another cwd.
         root = generate_demo_dataset(
-            out_dir=data_cfg.generated_dir,
+            out_dir=str(Path(data_cfg.generated_dir).resolve()),
             classes=data_cfg.generated_classes,
             images_per_class=data_cfg.generated_images_per_class,
             val_per_class=data_cfg.generated_val_per_class,
             seed=cfg.train.seed,
-            resize_size=data_cfg.resize_size,
+            image_side=data_cfg.resize_size,
         )
         print(f"[data] generated dataset ready at {root}", flush=True)
-        from dataclasses import replace
-
         data_cfg = replace(data_cfg, root=str(root))
+    elif "://" not in data_cfg.root:
+        data_cfg = replace(data_cfg, root=str(Path(data_cfg.root).resolve()))
     return data_cfg, build_pipeline(data_cfg, cfg.model.image_size, cfg.parallel.replicas)
 
 

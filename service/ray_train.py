@@ -51,7 +51,12 @@ def connect(address: str) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+        # A new local cluster. Logical CPUs are oversubscribed on purpose: the
+        # tower workers, the decode actors and Ray Data's read tasks each
+        # reserve CPUs, and on a 2-core laptop they would otherwise wait for
+        # each other forever; the OS shares the real cores among them.
+        num_cpus = max(4, os.cpu_count() or 1)
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
 
 
 class ReplicaDataConfig(DataConfig):

@@ -12,7 +12,7 @@ from service.parallel.layout import ParallelLayout
 from service.parallel.sharding import reference_to_tower, towers_to_reference
 from service.train.setup import build_optimizer, build_tower, rank_groups
 from service.train.step import TowerStep
-from tests.distributed import run_on_processes
+from service.parallel.local import run_on_processes
 
 SEED = 7
 GLOBAL_BATCH = 8

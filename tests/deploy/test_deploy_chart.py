@@ -195,6 +195,24 @@ def test_entrypoint_carries_the_overrides(case):
             "data.s3_endpoint"]
 
 
+def test_entrypoint_composes_with_the_service_config(case):
+    """The overrides the chart builds are accepted by the real Hydra config of service/."""
+    hydra_app = pytest.importorskip("service.hydra_app", reason="service/ is not importable")
+    values = _values(case)
+    if values["mode"] == "rayjob":
+        entrypoint = case.one("RayJob")["spec"]["entrypoint"]
+    else:
+        entrypoint = case.notes.split(" -- ", 1)[1].splitlines()[0]
+    config = hydra_app.compose(shlex.split(entrypoint)[3:])
+    training = values["training"]
+    assert (config.parallel.towers, config.parallel.replicas) == (training["towers"], training["replicas"])
+    assert config.data.root == training["dataRoot"]
+    assert config.storage.path == training["storagePath"]
+    assert config.run.name == (training["runName"] or RELEASE)
+    assert config.cluster.name == training["cluster"]
+    assert config.model.name == training["model"]
+
+
 def test_rayjob_lifecycle(case):
     values = _values(case)
     if values["mode"] != "rayjob":

@@ -118,6 +118,7 @@ data.root={{ $t.dataRoot }}
 {{- with include "alexnet.s3Endpoint" . }}
 data.s3_endpoint={{ . }}
 {{- end }}
+data.s3_region={{ .Values.s3.region }}
 storage.path={{ $t.storagePath }}
 tracking.uri={{ include "alexnet.trackingUri" . }}
 tracking.experiment={{ $t.experimentName }}

@@ -1,7 +1,8 @@
 """Run a function on N local processes joined by a gloo process group.
 
-Used by the multi-process tests and the CPU benchmark: no Ray, just
-`torch.distributed` over TCP on 127.0.0.1, as `torchrun` would set it up.
+No Ray: `torch.distributed` over TCP on 127.0.0.1, as `torchrun` would set it
+up. Used by the multi-process tests and the CPU benchmark.
+
 """
 
 from __future__ import annotations

@@ -1,0 +1,78 @@
+"""docs/kubernetes.md must match the chart: the values it names exist, the secret keys
+it creates are the ones the chart reads, its example values render, and the KubeRay
+operator it installs is the one the chart is validated against."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deploy_support import CHART, CI_VALUES, NAMESPACE, load_values
+
+REPO = Path(__file__).resolve().parents[2]
+DOC = (REPO / "docs" / "kubernetes.md").read_text()
+DEFAULTS = load_values(CHART / "values.yaml")
+
+
+def _has_path(values: dict[str, Any], dotted: str) -> bool:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def test_operator_version_matches_chart():
+    pinned = yaml.safe_load((CHART / "Chart.yaml").read_text())["annotations"][
+        "kuberay.io/operator-version"]
+    installs = re.findall(r"kuberay/kuberay-operator\s*\\?\s*--version (\S+)", DOC)
+    assert installs == [pinned]
+
+
+def test_every_values_path_in_the_doc_exists():
+    tops = tuple(f"{key}." for key in DEFAULTS)
+    named = set(re.findall(r"`([a-zA-Z]+(?:\.[a-zA-Z0-9]+)+)`", DOC))
+    named |= set(re.findall(r"--set ([a-zA-Z.]+)=", DOC))
+    paths = {p.rstrip(".*") for p in named if p.startswith(tops)}
+    assert paths, "the doc names no values"
+    missing = sorted(p for p in paths if not _has_path(DEFAULTS, p))
+    assert not missing, f"docs/kubernetes.md names values the chart lacks: {missing}"
+
+
+def test_secret_keys_created_in_the_doc_are_the_keys_the_chart_reads():
+    created = set(re.findall(r"--from-literal=([a-z_-]+)=", DOC))
+    chart_keys = {"auth_token"}  # fixed by KubeRay, not a value
+    text = (CHART / "values.yaml").read_text() + "".join(p.read_text() for p in CI_VALUES)
+    chart_keys |= set(re.findall(r"(?:Key|KeyIdKey|AccessKeyKey):\s*([a-z_-]+)", text))
+    assert created <= chart_keys, f"doc creates keys the chart never reads: {created - chart_keys}"
+    for needed in ("access-key-id", "secret-access-key", "auth_token", "admin-password",
+                   "flask-secret-key", "dsn"):
+        assert needed in created, f"the doc does not create key {needed}"
+
+
+def test_doc_example_values_render(render):
+    block = DOC.split("## 3. Values", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    values = yaml.safe_load(block)
+    rendered = render(values)
+    job = rendered.one("RayJob")
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert workers["replicas"] * gpus == values["training"]["replicas"] * values["training"]["towers"]
+    assert "parallel.replicas=4" in job["spec"]["entrypoint"]
+
+
+@pytest.mark.parametrize("name", ["alexnet-mlflow", "alexnet-ingest"])
+def test_resource_names_in_the_doc(chart, name):
+    """The doc uses release `alexnet`; names there must be what the chart creates."""
+    values = load_values(next(p for p in CI_VALUES if "bundled" in p.stem))
+    manifests = chart.render(values, name="alexnet", namespace=NAMESPACE)
+    names = {doc["metadata"]["name"] for path, body in manifests.items()
+             if not path.endswith("NOTES.txt")
+             for doc in yaml.safe_load_all(body) if isinstance(doc, dict) and "metadata" in doc}
+    assert name in names and "alexnet" in names
+    assert name in DOC
