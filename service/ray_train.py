@@ -10,7 +10,6 @@ that print progress, report checkpoints to Ray Train and log to MLflow.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -324,4 +323,6 @@ def latest_checkpoint_dir(result) -> Optional[str]:
 
 
 def checkpoint_metrics(folder: str) -> dict:
-    return json.loads((Path(folder) / ckpt.PROGRESS_FILE).read_text()).get("metrics", {})
+    """Epoch, step and the last metrics recorded in a checkpoint."""
+    progress = ckpt.read_progress(folder)
+    return {**progress.get("metrics", {}), "epoch": progress["epoch"], "step": progress["step"]}

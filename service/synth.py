@@ -22,6 +22,7 @@ SPEC = {
     "seed": Arg(int, 0, "random seed; output is identical for a seed"),
     "size_scale": Arg(float, 1.0, "image size factor (1.0 = ImageNet-like ~500x375)"),
     "bad_inputs": Arg(parse_bool, False, "add CMYK/PNG/grayscale/EXIF/truncated/empty/non-image/unknown-wnid inputs"),
+    "workers": Arg(int, 1, "rendering processes (output identical for any count)"),
     "devkit_meta": Arg(str, "mat", "ilsvrc-tars synsets file: meta.mat or synsets.txt", choices=("mat", "txt")),
 }
 

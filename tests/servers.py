@@ -44,6 +44,9 @@ def quiet_env() -> dict:
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=env.get("RAY_AUTH_TOKEN") or secrets.token_hex(32),
         PYTHONUNBUFFERED="1",
+        # As if the venv were activated: `python` in a job's entrypoint is the
+        # venv's, like for a user who ran `ray start` from an activated venv.
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
     )
     return env
 

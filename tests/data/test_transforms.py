@@ -1,0 +1,201 @@
+"""Augmentation maths and image fixing, without Ray."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.data import formats, transforms
+from service.data.pipeline import EvalTransform, TrainTransform, image_rng
+
+
+def _jpeg(width: int, height: int, seed: int = 0, **kwargs) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95, **kwargs)
+    return buf.getvalue()
+
+
+def test_random_crop_bounds_cover_every_position_and_stay_inside():
+    rng = np.random.default_rng(0)
+    seen = {random_pos for random_pos in (transforms.random_crop_bounds(rng, 10, 12, 7) for _ in range(2000))}
+    # 4 x 6 valid positions, each drawn.
+    assert seen == {(top, left) for top in range(4) for left in range(6)}
+    with pytest.raises(ValueError):
+        transforms.random_crop_bounds(rng, 6, 12, 7)
+
+
+def test_center_crop_and_square():
+    assert transforms.center_crop_bounds(256, 256, 224) == (16, 16)
+    assert transforms.center_square_box(341, 256) == (42, 0, 298, 256)
+    assert transforms.center_square_box(256, 300) == (0, 22, 256, 278)
+
+
+def test_hflip_mirrors_columns():
+    image = np.arange(2 * 3 * 3).reshape(2, 3, 3)
+    flipped = transforms.hflip(image)
+    assert np.array_equal(flipped[:, 0], image[:, 2]) and np.array_equal(transforms.hflip(flipped), image)
+
+
+def test_ten_crop_positions_are_corners_centre_and_mirrors():
+    assert transforms.ten_crop_positions(256, 256, 224) == [(0, 0), (0, 32), (32, 0), (32, 32), (16, 16)]
+    image = np.random.default_rng(1).integers(0, 255, (9, 9, 3), dtype=np.uint8)
+    crops = transforms.ten_crop(image, 5)
+    assert crops.shape == (10, 5, 5, 3)
+    assert np.array_equal(crops[0], image[:5, :5]) and np.array_equal(crops[3], image[4:, 4:])
+    assert np.array_equal(crops[4], image[2:7, 2:7])
+    for k in range(5):
+        assert np.array_equal(crops[5 + k], crops[k][:, ::-1])
+
+
+def test_pca_lighting_statistics_match_the_paper_formula():
+    eigval = np.array([0.2175, 0.0188, 0.0045])
+    q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(3, 3)))
+    std, n = 0.1, 200_000
+    offsets = transforms.pca_lighting_offset(np.random.default_rng(4), eigval, q, std, n)
+    assert offsets.shape == (n, 3)
+    # offset = Q (alpha * lambda), alpha ~ N(0, std^2): mean 0, covariance Q diag((std*lambda)^2) Q^T.
+    expected_cov = q @ np.diag((std * eigval) ** 2) @ q.T
+    assert np.allclose(offsets.mean(axis=0), 0.0, atol=4 * std * eigval[0] / math.sqrt(n))
+    assert np.allclose(np.cov(offsets.T), expected_cov, rtol=0.02, atol=1e-7)
+    # Projected on the eigenvectors, the components are independent with std = std * lambda_i.
+    assert np.allclose((offsets @ q).std(axis=0), std * eigval, rtol=0.02)
+    assert np.array_equal(transforms.pca_lighting_offset(np.random.default_rng(0), eigval, q, 0.0, 5), np.zeros((5, 3)))
+
+
+def test_random_resized_crop_box_respects_scale_and_ratio():
+    rng = np.random.default_rng(5)
+    height, width = 256, 341
+    for _ in range(500):
+        top, left, crop_h, crop_w = transforms.random_resized_crop_box(rng, height, width)
+        assert 0 <= top and top + crop_h <= height and 0 <= left and left + crop_w <= width
+        area = crop_h * crop_w / (height * width)
+        assert 0.07 <= area <= 1.0
+        if (top, left) != ((height - crop_h) // 2, (width - crop_w) // 2):
+            assert 3 / 4 - 0.05 <= crop_w / crop_h <= 4 / 3 + 0.05
+    # A very thin image never fits the aspect range: centred fallback clipped to the ratio.
+    top, left, crop_h, crop_w = transforms.random_resized_crop_box(rng, 10, 1000, scale=(0.99, 1.0))
+    assert crop_h == 10 and crop_w == round(10 * 4 / 3) and left == (1000 - crop_w) // 2
+
+
+def test_decode_short_side_uses_draft_and_returns_exact_size():
+    jpeg = _jpeg(512, 384)
+    assert transforms.decode_short_side(jpeg, 128).size == (171, 128)
+    assert transforms.decode_short_side(jpeg, 384).size == (512, 384)
+    assert transforms.decode_short_side(jpeg, None).size == (512, 384)
+
+
+def test_resized_crop_is_size_by_size():
+    jpeg = _jpeg(300, 200)
+    out = transforms.resized_crop(jpeg, (10, 20, 150, 180), (300, 200), 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_train_transform_contract_paper_and_rrc():
+    batch = {"jpeg": np.array([_jpeg(96, 72, s) for s in range(4)], dtype=object), "label": np.arange(4)}
+    eigvec = np.eye(3).tolist()
+    paper = TrainTransform(64, 72, "paper", 0.1, [0.2, 0.02, 0.004], eigvec, seed=1)(batch)
+    assert paper["image"].shape == (4, 64, 64, 3) and paper["image"].dtype == np.uint8
+    assert paper["label"].dtype == np.int64 and paper["lighting"].dtype == np.float32
+    assert paper["lighting"].shape == (4, 3) and np.any(paper["lighting"] != 0)
+    again = TrainTransform(64, 72, "paper", 0.1, [0.2, 0.02, 0.004], eigvec, seed=1)(batch)
+    assert np.array_equal(paper["image"], again["image"]), "augmentation must replay for a seed"
+    rrc = TrainTransform(64, 72, "rrc", 0.1, [0.2, 0.02, 0.004], eigvec, seed=1)(batch)
+    assert rrc["image"].shape == (4, 64, 64, 3) and not np.any(rrc["lighting"])
+    with pytest.raises(ValueError):
+        TrainTransform(80, 72, "paper", 0.1, [0, 0, 0], eigvec)
+
+
+def test_train_crop_is_a_window_of_the_central_square():
+    jpeg = _jpeg(96, 72, seed=9)
+    square = np.asarray(transforms.decode_short_side(jpeg, 72).crop(transforms.center_square_box(96, 72)))
+    out = TrainTransform(64, 72, "paper", 0.0, [0, 0, 0], np.eye(3).tolist(), seed=3)(
+        {"jpeg": np.array([jpeg], dtype=object), "label": np.array([0])})["image"][0]
+    windows = [square[t:t + 64, l:l + 64] for t in range(9) for l in range(9)]
+    assert any(np.array_equal(out, w) or np.array_equal(out, w[:, ::-1]) for w in windows)
+    # Image rng is a pure function of (seed, epoch, bytes).
+    assert image_rng(3, 0, jpeg).random() == image_rng(3, 0, jpeg).random() != image_rng(3, 1, jpeg).random()
+
+
+def test_eval_transform_one_and_ten_crops():
+    batch = {"jpeg": np.array([_jpeg(96, 72, s) for s in range(3)], dtype=object), "label": np.arange(3)}
+    one = EvalTransform(64, 72, 1)(batch)
+    ten = EvalTransform(64, 72, 10)(batch)
+    assert one["image"].shape == (3, 64, 64, 3) and ten["image"].shape == (3, 10, 64, 64, 3)
+    assert np.array_equal(one["image"], ten["image"][:, 4]), "crop 4 of the ten is the centre crop"
+    assert not np.any(one["lighting"]) and one["label"].dtype == np.int64
+
+
+# --- ingest-time fixing of bad inputs (formats.normalize_image) ---------------------------------
+
+
+def _image(mode: str = "RGB", size=(80, 60)) -> Image.Image:
+    arr = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr).convert(mode)
+
+
+def _encode(img: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data, conversion",
+    [
+        (_encode(_image("CMYK")), "mode_cmyk"),
+        (_encode(_image("L")), "mode_l"),
+        (_encode(_image("RGB"), "PNG"), "format_png"),
+        (_encode(_image("RGBA"), "PNG"), "format_png"),
+    ],
+)
+def test_convertible_inputs_become_rgb_jpeg(data, conversion):
+    out = formats.normalize_image(data, 32)
+    assert out.ok and conversion in out.conversions
+    decoded = Image.open(io.BytesIO(out.jpeg))
+    assert decoded.format == "JPEG" and decoded.mode == "RGB" and min(decoded.size) == 32
+    assert out.pixel_count == decoded.size[0] * decoded.size[1]
+
+
+def test_exif_orientation_is_applied_and_invalid_values_ignored():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = formats.normalize_image(_encode(_image(size=(60, 80)), exif=exif.tobytes()), 30)
+    assert out.ok and "exif_orientation_6" in out.conversions
+    assert (out.width, out.height) == (40, 30), "a 60x80 image with orientation 6 displays as 80x60"
+    exif[0x0112] = 9
+    out = formats.normalize_image(_encode(_image(size=(60, 80)), exif=exif.tobytes()), 30)
+    assert out.ok and "exif_orientation_invalid" in out.conversions and (out.width, out.height) == (30, 40)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty_file"),
+        (b"<html>not an image</html>", "not_an_image"),
+        (_encode(_image())[:400], "truncated"),
+    ],
+)
+def test_unrecoverable_inputs_are_quarantined_with_a_reason(data, reason):
+    out = formats.normalize_image(data, 32)
+    assert not out.ok and out.reason == reason
+
+
+def test_pixel_stats_mean_std_and_pca():
+    rng = np.random.default_rng(0)
+    mix = np.array([[1.0, 0.0, 0.0], [0.8, 0.3, 0.0], [0.5, 0.2, 0.4]])
+    pixels = np.clip(120 + rng.normal(0, 30, (50_000, 3)) @ mix.T, 0, 255)
+    stats = formats.PixelStats()
+    for chunk in np.array_split(pixels, 5):
+        stats.add(chunk.sum(axis=0), (chunk.T @ chunk).reshape(-1), len(chunk))
+    summary = stats.summary()
+    assert np.allclose(summary["mean"], pixels.mean(axis=0)) and np.allclose(summary["std"], pixels.std(axis=0))
+    cov01 = np.cov(pixels.T, bias=True) / 255.0**2
+    eigval, eigvec = np.array(summary["eigval"]), np.array(summary["eigvec"])
+    assert np.all(np.diff(eigval) <= 0)
+    assert np.allclose(eigvec @ np.diag(eigval) @ eigvec.T, cov01, atol=1e-10)

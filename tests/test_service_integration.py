@@ -1,0 +1,146 @@
+"""The training service against real parts: a `ray start --head` cluster, a
+real `mlflow server` over HTTP, generated ImageNet-format data ingested into
+shards. Resume, secrets, multirun sweeps and `ray job submit` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from service.hydra_app import compose
+from service.launch import train
+from service.tracking.mlflow_tracker import RUN_NAME_TAG
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "TOPSECRET-do-not-log-4f9a"
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, ray_session):
+    from service.data.demo import generate_demo_dataset
+
+    out = tmp_path_factory.mktemp("tiny-data")
+    return generate_demo_dataset(str(out), classes=4, images_per_class=40, val_per_class=8, seed=0, image_side=72)
+
+
+def _overrides(tiny_dataset, mlflow_server, ray_head, storage: Path, experiment: str, name: str) -> list[str]:
+    return [
+        "experiment=smoke",
+        f"data.root={tiny_dataset}",
+        f"tracking.uri={mlflow_server.url}",
+        f"tracking.experiment={experiment}",
+        f"tracking.registered_model={experiment}-model",
+        f"storage.path={storage}",
+        f"cluster.address={ray_head.address}",
+        f"run.name={name}",
+    ]
+
+
+def _runs(client, experiment: str):
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def test_resume_continues_the_same_run_without_duplicate_steps(tiny_dataset, mlflow_server, ray_session, tmp_path):
+    base = _overrides(tiny_dataset, mlflow_server, ray_session, tmp_path / "ckpt", "resume", "resume-1")
+    secret_overrides = [f"data.s3_secret_key={SECRET}", "data.s3_access_key=AKIAEXAMPLE-KEY"]
+    first = train(compose(base + secret_overrides + ["train.epochs=1"]))
+    client = mlflow.MlflowClient(mlflow_server.url)
+    (run,) = _runs(client, "resume")
+    first_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert first["epoch"] == 1 and first_steps and max(first_steps) <= first["step"]
+
+    second = train(compose(base + secret_overrides + ["train.epochs=2"]))
+    runs = _runs(client, "resume")
+    assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id  # one MLflow run, continued
+    assert runs[0].data.tags[RUN_NAME_TAG] == "resume-1"
+    assert second["epoch"] == 2 and second["step"] == 2 * first["step"]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps == sorted(set(steps)), "metric steps must be strictly increasing, none duplicated"
+    assert max(steps) > max(first_steps)
+    val = client.get_metric_history(run.info.run_id, "val_top1_error")
+    assert sorted(m.step for m in val) == [first["step"], second["step"]]
+    # Both finished runs registered a model; the alias points at the best one.
+    versions = client.search_model_versions("name='resume-model'")
+    assert len(versions) == 2
+    best = client.get_model_version_by_alias("resume-model", "best")
+    errors = {v.version: float(v.tags["val_top1_error"]) for v in versions}
+    assert errors[best.version] == min(errors.values())
+
+
+def test_secrets_never_reach_mlflow_or_checkpoints(tiny_dataset, mlflow_server, ray_session, tmp_path):
+    base = _overrides(tiny_dataset, mlflow_server, ray_session, tmp_path / "ckpt", "secrets", "secret-run")
+    summary = train(compose(base + [f"data.s3_secret_key={SECRET}", "train.max_steps=2", "tracking.registered_model="]))
+    client = mlflow.MlflowClient(mlflow_server.url)
+    (run,) = _runs(client, "secrets")
+    params = run.data.params
+    assert params["data.s3_secret_key"] == "***"
+    assert params["tracking.uri"] == mlflow_server.url
+    assert not any(SECRET in value for value in params.values())
+    artifact_dir = client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts"))
+    for path in Path(artifact_dir).rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    for path in (tmp_path / "ckpt").rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert summary["step"] == 2
+
+
+def test_multirun_sweep_logs_children_under_one_parent(tiny_dataset, mlflow_server, ray_session, tmp_path):
+    base = _overrides(tiny_dataset, mlflow_server, ray_session, tmp_path / "ckpt", "sweep", "ignored")
+    overrides = [o for o in base if not o.startswith("run.name")] + [
+        "train.max_steps=2",
+        "tracking.registered_model=",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        "recipe.lr=0.01,0.02",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "service.train", "-m", *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(mlflow_server.url)
+    runs = _runs(client, "sweep")
+    parents = [r for r in runs if "alexnet.sweep" in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.params["recipe.lr"] for c in children) == ["0.01", "0.02"]
+
+
+def test_ray_job_submit_end_to_end(tiny_dataset, mlflow_server, ray_head, tmp_path):
+    """`ray job submit --working-dir .` with token auth, as the README shows."""
+    env = {**os.environ, **ray_head.env}
+    overrides = _overrides(tiny_dataset, mlflow_server, ray_head, tmp_path / "ckpt", "jobs", "job-smoke")
+    overrides = [o for o in overrides if not o.startswith("cluster.address")]
+    command = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit",
+        "--address", ray_head.dashboard_url,
+        "--working-dir", ".",
+        "--runtime-env", "ray_runtime_env.yaml",
+        "--", "python", "-m", "service.train", *overrides,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "succeeded" in output.lower()
+    client = mlflow.MlflowClient(mlflow_server.url)
+    (run,) = _runs(client, "jobs")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "alexnet_small"
+    assert run.data.params["parallel.towers"] == "2"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps and steps == sorted(set(steps))
+    assert "val_top1_error" in run.data.metrics
+    (version,) = client.search_model_versions("name='jobs-model'")
+    assert version.run_id == run.info.run_id
+    progress = next((tmp_path / "ckpt").rglob("progress.json"))
+    assert json.loads(progress.read_text())["mlflow_run_id"] == run.info.run_id
