@@ -46,15 +46,17 @@ def connect(address: str) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
-    runtime_env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        # An existing cluster (or the one a submitted job runs in): inherit its
+        # runtime env; adding ours would conflict with the job's.
+        ray.init(address=address, log_to_driver=True)
     else:
         # A new local cluster. Logical CPUs are oversubscribed on purpose: the
         # tower workers, the decode actors and Ray Data's read tasks each
         # reserve CPUs, and on a 2-core laptop they would otherwise wait for
         # each other forever; the OS shares the real cores among them.
         num_cpus = max(4, os.cpu_count() or 1)
+        runtime_env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}
         ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
 
 
