@@ -167,9 +167,12 @@ def _read_shards(meta: DatasetMeta, root: str, split: str, s3: storage.S3Setting
     if not paths:
         raise ValueError(f"{root}: meta.json lists no {split} shards (num_{split}=0); nothing to read")
     shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    # Reading is I/O: a quarter CPU keeps it schedulable next to the decode actors.
-    return ray.data.read_parquet(paths, filesystem=fs, columns=["jpeg", "label"] + (["key"] if include_keys else []), shuffle=shuffle,
-                                 num_cpus=0.25, override_num_blocks=len(paths))
+    # Reading is I/O (and the fused row permutation a cheap `take`): num_cpus=0 keeps
+    # it schedulable when decode actors or training workers hold every CPU, which
+    # would otherwise deadlock (actors waiting for blocks that cannot be read).
+    columns = ["jpeg", "label"] + (["key"] if include_keys else [])
+    return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, num_cpus=0,
+                                 override_num_blocks=len(paths)).select_columns(columns)
 
 
 def build_pipeline(data_cfg: Any, image_size: int, num_replicas: int, *,
@@ -207,12 +210,16 @@ def build_pipeline(data_cfg: Any, image_size: int, num_replicas: int, *,
 
     import ray.data
 
-    actor_args = {"compute": ray.data.ActorPoolStrategy(size=data_cfg.num_decode_actors),
+    # min_size=1: a cluster with fewer free CPUs than num_decode_actors still runs
+    # (with fewer actors) instead of waiting forever for the full pool.
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=data_cfg.num_decode_actors,
+                                      initial_size=data_cfg.num_decode_actors)
+    actor_args = {"compute": pool,
                   "num_cpus": cpus_per_decode_actor,
                   "batch_size": decode_batch_size, "batch_format": "numpy", "zero_copy_batch": True}
     train = (
         _read_shards(meta, data_cfg.root, "train", s3, data_cfg.shuffle_seed, include_keys)
-        .map_batches(PermuteRows(data_cfg.shuffle_seed), batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+        .map_batches(PermuteRows(data_cfg.shuffle_seed), batch_size=None, batch_format="pyarrow", num_cpus=0)
         .map_batches(TrainTransform, fn_constructor_kwargs={
             "image_size": image_size, "resize_size": data_cfg.resize_size,
             "augmentation": data_cfg.augmentation, "pca_lighting_std": data_cfg.pca_lighting_std,

@@ -151,6 +151,8 @@ class WorkerTracker:
 
     def __init__(self, handle: RunHandle, system_metrics: bool):
         mlflow = _mlflow()
+        # The system-metrics monitor logs through the fluent API: point it here.
+        mlflow.set_tracking_uri(handle.tracking_uri)
         self.handle = handle
         self.client = _client(handle.tracking_uri)
         self.pending: list = []

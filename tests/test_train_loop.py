@@ -1,0 +1,147 @@
+"""The loop, schedule, batch replication and checkpoint format, without Ray."""
+
+import math
+
+import pytest
+import torch
+
+from service.model import ReferenceAlexNet, alexnet_spec
+from service.parallel.layout import ParallelLayout
+from service.parallel.local import run_on_processes
+from service.train import checkpoint as ckpt
+from service.train.loop import LoopOptions, Progress, TowerTraining, run_training
+from service.train.schedule import LRSchedule
+from service.train.setup import build_optimizer, build_tower, rank_groups
+from service.train.step import Normalizer, TowerStep
+
+
+def test_warmup_then_step_schedule():
+    schedule = LRSchedule(0.1, "step", steps_per_epoch=10, total_epochs=90, warmup_epochs=1, step_epochs=(30, 60))
+    assert schedule.lr_at(0) == pytest.approx(0.01)
+    assert schedule.lr_at(9) == pytest.approx(0.1)
+    assert schedule.lr_at(299) == pytest.approx(0.1)
+    assert schedule.lr_at(300) == pytest.approx(0.01)
+    assert schedule.lr_at(600) == pytest.approx(0.001)
+
+
+def test_cosine_reaches_zero():
+    schedule = LRSchedule(0.2, "cosine", steps_per_epoch=5, total_epochs=4)
+    assert schedule.lr_at(0) == pytest.approx(0.2)
+    assert schedule.lr_at(10) == pytest.approx(0.1)
+    assert schedule.lr_at(20) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_plateau_divides_by_ten_at_most_max_drops_times_and_survives_restore():
+    schedule = LRSchedule(0.01, "plateau", steps_per_epoch=1, total_epochs=90, plateau_patience=2, plateau_max_drops=3)
+    errors = [0.9, 0.8, 0.8, 0.8] + [0.8] * 10
+    drops = [schedule.end_epoch(e) for e in errors]
+    assert drops[:4] == [False, False, False, True]  # two epochs without improvement
+    assert sum(drops) == 3  # capped, as in the paper
+    assert schedule.lr_at(100) == pytest.approx(1e-5)
+    restored = LRSchedule(0.01, "plateau", steps_per_epoch=1, total_epochs=90)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.lr_at(0) == pytest.approx(1e-5)
+    assert not math.isinf(restored.state.best_error)
+
+
+class RecordingHooks:
+    def __init__(self):
+        self.steps, self.epochs, self.checkpoints = [], [], []
+
+    def on_step(self, progress, metrics):
+        self.steps.append((progress.step, metrics["loss"]))
+
+    def on_epoch_end(self, progress, metrics, conv1_weight):
+        self.epochs.append((progress.epoch, metrics, conv1_weight.shape))
+
+    def save_checkpoint(self, progress, tower_state, metrics):
+        self.checkpoints.append((Progress(**vars(progress)), tower_state))
+
+
+def _learnable_batches(num_classes=4, count=8, batch=16, size=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        labels = torch.randint(0, num_classes, (batch,), generator=generator)
+        image = torch.randint(0, 40, (batch, size, size, 3), generator=generator, dtype=torch.uint8)
+        for index, label in enumerate(labels.tolist()):
+            image[index, :, :, label % 3] += 180
+            if label == 3:
+                image[index, : size // 2] = 255
+        batches.append({"image": image, "label": labels, "lighting": torch.zeros(batch, 3)})
+    return batches
+
+
+def test_loop_trains_without_ray_and_checkpoints_round_trip(tmp_path):
+    spec = alexnet_spec(num_classes=4, image_size=64, towers=1, width_mult=0.25, init="kaiming", dropout=0.0)
+    layout = ParallelLayout(1, 1)
+    groups = rank_groups(layout)
+    model = build_tower(spec, groups, seed=0, device=torch.device("cpu"))
+    optimizer = build_optimizer(model, 0.005, 0.9, 5e-4)
+    training = TowerTraining(
+        TowerStep(model, optimizer, spec, groups),
+        LRSchedule(0.005, "constant", steps_per_epoch=8, total_epochs=6),
+        Normalizer([100, 100, 100], [60, 60, 60], torch.device("cpu"), channels_last=False),
+        groups,
+    )
+    data = _learnable_batches()
+    hooks = RecordingHooks()
+    final = run_training(training, lambda epoch: data, lambda epoch: data[:2], hooks, LoopOptions(epochs=6, log_every_steps=4))
+    assert (final.epoch, final.step) == (6, 48)
+    assert [e for e, _, _ in hooks.epochs] == [1, 2, 3, 4, 5, 6]
+    assert hooks.epochs[-1][1]["val_top1_error"] < 0.5  # learned something (chance: 0.75)
+    assert hooks.steps[-1][1] < hooks.steps[0][1]
+    # The last checkpoint, written in the service's format, loads into the reference model.
+    progress, state = hooks.checkpoints[-1]
+    ckpt.write_tower_shard(tmp_path, 0, state)
+    ckpt.write_progress(tmp_path, {"epoch": progress.epoch, "step": progress.step, "towers": 1, "spec": ckpt.spec_to_dict(spec)})
+    loaded_spec, reference_state = ckpt.load_reference_state(tmp_path)
+    assert loaded_spec == spec
+    reference = ReferenceAlexNet(spec)
+    reference.load_state_dict(reference_state)
+    for name, value in model.state_dict().items():
+        assert torch.equal(reference.state_dict()[name], value)
+
+
+def test_max_steps_stops_and_checkpoints_mid_epoch():
+    spec = alexnet_spec(num_classes=4, image_size=64, towers=1, width_mult=0.25, init="kaiming")
+    groups = rank_groups(ParallelLayout(1, 1))
+    model = build_tower(spec, groups, seed=0, device=torch.device("cpu"))
+    training = TowerTraining(
+        TowerStep(model, build_optimizer(model, 0.01, 0.9, 0), spec, groups),
+        LRSchedule(0.01, "constant", steps_per_epoch=8, total_epochs=3),
+        Normalizer([100] * 3, [60] * 3, torch.device("cpu"), channels_last=False),
+        groups,
+    )
+    hooks = RecordingHooks()
+    data = _learnable_batches()
+    final = run_training(training, lambda e: data, lambda e: data, hooks, LoopOptions(epochs=3, max_steps=5), start=Progress(0, 0))
+    assert (final.epoch, final.step) == (0, 5)
+    assert [p.step for p, _ in hooks.checkpoints] == [5]
+
+
+def _replica_batches_worker(rank, world_size, out_dir):
+    from service.parallel.batches import replica_batches
+
+    groups = rank_groups(ParallelLayout.from_world_size(world_size, 2))
+    source = None
+    if groups.tower == 0:
+        # Each replica's leader reads a different stream; one batch is empty and must be skipped.
+        source = _learnable_batches(count=3, batch=4, seed=100 + groups.replica)
+        source.insert(1, {"image": torch.zeros(0, 64, 64, 3, dtype=torch.uint8), "label": torch.zeros(0, dtype=torch.int64)})
+    received = list(replica_batches(source, groups, torch.device("cpu")))
+    torch.save(received, f"{out_dir}/rank{rank}.pt")
+
+
+def test_towers_of_a_replica_get_identical_batches(tmp_path):
+    run_on_processes(_replica_batches_worker, 4, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    for replica in range(2):
+        leader, sibling = ranks[2 * replica], ranks[2 * replica + 1]
+        assert len(leader) == len(sibling) == 3
+        for a, b in zip(leader, sibling):
+            assert set(a) == set(b) == {"image", "label", "lighting"}
+            for key in a:
+                assert torch.equal(a[key], b[key])
+    # Replicas read different data.
+    assert not torch.equal(ranks[0][0]["image"], ranks[2][0]["image"])
