@@ -111,6 +111,33 @@ def _scaled(width: int, width_mult: float) -> int:
     return max(8, int(round(width * width_mult / 8)) * 8)
 
 
+def _variant(
+    name: str,
+    conv_widths: tuple[int, ...],
+    lrn: bool,
+    fc_bias_init: float,
+    num_classes: int,
+    image_size: int,
+    towers: int,
+    width_mult: float,
+    dropout: float,
+    init: str,
+) -> AlexNetSpec:
+    widths = tuple(_scaled(w, width_mult) for w in conv_widths)
+    fc = _scaled(4096, width_mult)
+    return AlexNetSpec(
+        name=name,
+        convs=_paper_convs(widths, lrn=lrn),
+        fc_widths=(fc, fc),
+        fc_bias_init=fc_bias_init,
+        num_classes=num_classes,
+        image_size=image_size,
+        towers=towers,
+        dropout=dropout,
+        init=init,
+    )
+
+
 def alexnet_spec(
     num_classes: int = 1000,
     image_size: int = 224,
@@ -120,19 +147,8 @@ def alexnet_spec(
     init: str = "paper",
 ) -> AlexNetSpec:
     """The paper's two-tower network (Krizhevsky et al. 2012, figure 2)."""
-    widths = tuple(_scaled(w, width_mult) for w in (96, 256, 384, 384, 256))
-    fc = _scaled(4096, width_mult)
-    return AlexNetSpec(
-        name="alexnet",
-        convs=_paper_convs(widths, lrn=True),
-        fc_widths=(fc, fc),
-        fc_bias_init=1.0,
-        num_classes=num_classes,
-        image_size=image_size,
-        towers=towers,
-        dropout=dropout,
-        init=init,
-    )
+    return _variant("alexnet", (96, 256, 384, 384, 256), True, 1.0,
+                    num_classes, image_size, towers, width_mult, dropout, init)
 
 
 def alexnet_owt_spec(
@@ -145,22 +161,8 @@ def alexnet_owt_spec(
 ) -> AlexNetSpec:
     """The single-tower "one weird trick" variant (Krizhevsky 2014), the one
     torchvision ships: 64-192-384-256-256 kernels, no LRN."""
-    widths = tuple(_scaled(w, width_mult) for w in (64, 192, 384, 256, 256))
-    fc = _scaled(4096, width_mult)
-    return AlexNetSpec(
-        name="alexnet_owt",
-        convs=_paper_convs(widths, lrn=False),
-        fc_widths=(fc, fc),
-        fc_bias_init=0.0,
-        num_classes=num_classes,
-        image_size=image_size,
-        towers=towers,
-        dropout=dropout,
-        init=init,
-    )
-
-
-
+    return _variant("alexnet_owt", (64, 192, 384, 256, 256), False, 0.0,
+                    num_classes, image_size, towers, width_mult, dropout, init)
 
 
 def tower_divisibility_problems(spec: AlexNetSpec) -> list[str]:

@@ -132,7 +132,15 @@ def run_training(
         progress.epoch += 1
         metrics = _epoch_metrics(epoch_totals, data_wait)
         if progress.epoch % options.eval_every_epochs == 0 or progress.epoch == options.epochs:
-            metrics.update(evaluate(training.step.model, val_batches(progress.epoch), training.normalizer, training.groups))
+            metrics.update(
+                evaluate(
+                    training.step.model,
+                    val_batches(progress.epoch),
+                    training.normalizer,
+                    training.groups,
+                    bf16=training.step.options.bf16,
+                )
+            )
             if training.schedule.end_epoch(metrics["val_top1_error"]):
                 metrics["lr_dropped"] = 1.0
         hooks.on_epoch_end(progress, metrics, gather_conv1(training))
