@@ -143,36 +143,52 @@ class EvalTransform:
         return _output(batch, images, np.zeros((n, 3), np.float32))
 
 
-class PermuteRows:
-    """Shuffle the rows of each block (a shard) with a seed drawn from (seed, epoch, block)."""
+class ReadShard:
+    """Read one Parquet shard (one row per image) and, for training, permute its rows.
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    The permutation is seeded from (seed, epoch, shard path): replayable, new each epoch.
+    """
 
-    def __call__(self, table):
-        if table.num_rows == 0:
-            return table
-        first = table.column("jpeg")[0].as_py()
-        rng = np.random.Generator(np.random.PCG64([self.seed, execution_index(), zlib.crc32(first), table.num_rows]))
-        return table.take(rng.permutation(table.num_rows))
+    def __init__(self, filesystem: Any, columns: list[str], shuffle_seed: Optional[int]):
+        self.filesystem, self.columns, self.shuffle_seed = filesystem, columns, shuffle_seed
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = []
+        for path in batch["path"]:
+            table = pq.read_table(str(path), filesystem=self.filesystem, columns=self.columns)
+            if self.shuffle_seed is not None and table.num_rows > 1:
+                seed = [self.shuffle_seed, execution_index(), zlib.crc32(str(path).encode())]
+                table = table.take(np.random.Generator(np.random.PCG64(seed)).permutation(table.num_rows))
+            tables.append(table)
+        return pa.concat_tables(tables)
 
 
 def _read_shards(meta: DatasetMeta, root: str, split: str, s3: storage.S3Settings, shuffle_seed: Optional[int],
-                 include_keys: bool):
+                 include_keys: bool, max_reads: int):
+    """Shard paths -> (per-epoch shuffled) blocks of rows, one block per shard.
+
+    Not `read_parquet`: its file listing runs as a 1-CPU task that can never
+    be scheduled once decode actors or training workers hold every CPU (a
+    deadlock seen on 2 cores), and meta.json already lists the files. Reads
+    take 0 CPUs (I/O); `max_reads` bounds how many run at once (memory).
+    """
     import ray.data
-    from ray.data import FileShuffleConfig
+    from ray.data import RandomSeedConfig
 
     fs, base = storage.arrow_filesystem(root, s3)
     paths = [f"{base}/{rel}" for rel in meta.shards[split]]
     if not paths:
         raise ValueError(f"{root}: meta.json lists no {split} shards (num_{split}=0); nothing to read")
-    shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    # Reading is I/O (and the fused row permutation a cheap `take`): num_cpus=0 keeps
-    # it schedulable when decode actors or training workers hold every CPU, which
-    # would otherwise deadlock (actors waiting for blocks that cannot be read).
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    if shuffle_seed is not None:
+        # A new, seeded shard order per execution (= epoch).
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
     columns = ["jpeg", "label"] + (["key"] if include_keys else [])
-    return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, num_cpus=0,
-                                 override_num_blocks=len(paths)).select_columns(columns)
+    return ds.map_batches(ReadShard(fs, columns, shuffle_seed), batch_size=1, batch_format="numpy",
+                          num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(max_reads, len(paths))))
 
 
 def build_pipeline(data_cfg: Any, image_size: int, num_replicas: int, *,
@@ -210,6 +226,7 @@ def build_pipeline(data_cfg: Any, image_size: int, num_replicas: int, *,
 
     import ray.data
 
+    max_reads = max(2, data_cfg.num_decode_actors)
     # min_size=1: a cluster with fewer free CPUs than num_decode_actors still runs
     # (with fewer actors) instead of waiting forever for the full pool.
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=data_cfg.num_decode_actors,
@@ -218,14 +235,13 @@ def build_pipeline(data_cfg: Any, image_size: int, num_replicas: int, *,
                   "num_cpus": cpus_per_decode_actor,
                   "batch_size": decode_batch_size, "batch_format": "numpy", "zero_copy_batch": True}
     train = (
-        _read_shards(meta, data_cfg.root, "train", s3, data_cfg.shuffle_seed, include_keys)
-        .map_batches(PermuteRows(data_cfg.shuffle_seed), batch_size=None, batch_format="pyarrow", num_cpus=0)
+        _read_shards(meta, data_cfg.root, "train", s3, data_cfg.shuffle_seed, include_keys, max_reads)
         .map_batches(TrainTransform, fn_constructor_kwargs={
             "image_size": image_size, "resize_size": data_cfg.resize_size,
             "augmentation": data_cfg.augmentation, "pca_lighting_std": data_cfg.pca_lighting_std,
             "eigval": meta.eigval, "eigvec": meta.eigvec, "seed": data_cfg.shuffle_seed}, **actor_args)
     )
-    val = _read_shards(meta, data_cfg.root, "val", s3, None, include_keys).map_batches(
+    val = _read_shards(meta, data_cfg.root, "val", s3, None, include_keys, max_reads).map_batches(
         EvalTransform, fn_constructor_kwargs={"image_size": image_size, "resize_size": data_cfg.resize_size,
                                               "eval_crops": data_cfg.eval_crops}, **actor_args)
     return TrainingData(meta=meta, train=train, val=val)
