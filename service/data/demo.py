@@ -23,6 +23,7 @@ def generate_demo_dataset(
     *,
     size_scale: float = 0.32,
     shard_size: int = 500,
+    workers: int = 0,
     log=print,
 ) -> str:
     """Generate a synthetic ImageFolder under `<out_dir>/raw` and ingest it into `out_dir`.
@@ -32,6 +33,7 @@ def generate_demo_dataset(
     sets the raw JPEG size (0.32: about 160×120). Returns the dataset root
     (`out_dir`, holding meta.json and shards/). Skipped when `out_dir`
     already holds a complete ingest made with the same parameters.
+    `workers` rendering processes (0: one per CPU; the output is the same).
     """
     params = {"classes": classes, "images_per_class": images_per_class, "val_per_class": val_per_class,
               "seed": seed, "image_side": image_side, "size_scale": size_scale, "shard_size": shard_size}
@@ -47,7 +49,8 @@ def generate_demo_dataset(
     start = time.time()
     storage.delete_prefix(raw)
     generate(SynthConfig(out=raw, classes=classes, images_per_class=images_per_class, val_per_class=val_per_class,
-                         layout="imagefolder", seed=seed, size_scale=size_scale))
+                         layout="imagefolder", seed=seed, size_scale=size_scale,
+                         workers=workers or os.cpu_count() or 1))
     generated = time.time()
     cfg.force = True
     run_ingest(cfg, log=log)

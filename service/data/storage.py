@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -301,14 +301,3 @@ class RangeReader:
         out = self._buf[self._off:self._off + size]
         self._off += len(out)
         return out
-
-
-def iter_chunks(items: list, size: int) -> Iterator[list]:
-    """Consecutive slices of at most `size` items."""
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def optional_s3(endpoint: Optional[str], region: Optional[str] = None) -> S3Settings:
-    """S3 settings from CLI-style strings (empty strings mean 'not set')."""
-    return S3Settings(endpoint=endpoint or "", region=region or "us-east-1")

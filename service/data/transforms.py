@@ -134,10 +134,13 @@ def random_resized_crop_box(
 
 
 def resized_crop(jpeg: bytes, box: tuple[int, int, int, int], stored_size: tuple[int, int], size: int) -> np.ndarray:
-    """Decode `jpeg` and resize the box (top, left, h, w, in stored pixels) to size×size.
+    """Decode `jpeg` and resize the box (top, left, h, w, in stored pixels) to a size×size array."""
+    return np.asarray(resized_crop_image(jpeg, box, stored_size, size))
 
-    Decodes at a reduced DCT scale when the box is at least twice `size`.
-    """
+
+def resized_crop_image(jpeg: bytes, box: tuple[int, int, int, int], stored_size: tuple[int, int],
+                       size: int) -> Image.Image:
+    """`resized_crop` as a PIL image; decodes at a reduced DCT scale when the box is >= 2x `size`."""
     top, left, crop_h, crop_w = box
     img = Image.open(io.BytesIO(jpeg))
     reduce = max(1, min(crop_h, crop_w) // size)
@@ -146,4 +149,4 @@ def resized_crop(jpeg: bytes, box: tuple[int, int, int, int], stored_size: tuple
     img = img.convert("RGB") if img.mode != "RGB" else img
     sx, sy = img.size[0] / stored_size[0], img.size[1] / stored_size[1]
     pil_box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
-    return np.asarray(img.resize((size, size), Image.BILINEAR, box=pil_box))
+    return img.resize((size, size), Image.BILINEAR, box=pil_box)

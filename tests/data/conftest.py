@@ -10,9 +10,16 @@ from service.data.synthetic import SynthConfig, generate
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
-    """One local Ray (2 CPUs, token auth on, no telemetry, nothing written to ~/.ray)."""
+def ray_local(request, tmp_path_factory):
+    """One Ray per test session: the shared `ray_session` cluster when tests/conftest.py
+    defines it, else a local Ray (2 CPUs, token auth on, no telemetry, nothing in ~/.ray)."""
     import ray
+
+    try:
+        yield request.getfixturevalue("ray_session")
+        return
+    except pytest.FixtureLookupError:
+        pass
 
     token = tmp_path_factory.mktemp("ray_auth") / "token"
     token.write_text(secrets.token_hex(32))

@@ -22,9 +22,10 @@ def dataset_root(ray_local, synth_dataset, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("augmentation", ["paper", "rrc"])
-def test_train_batches_follow_the_contract(dataset_root, augmentation):
-    data = build_pipeline(DataConfig(root=dataset_root, resize_size=40, augmentation=augmentation), 32, 1)
+@pytest.mark.parametrize("augmentation, decode_with", [("paper", "tasks"), ("rrc", "actors")])
+def test_train_batches_follow_the_contract(dataset_root, augmentation, decode_with):
+    cfg = DataConfig(root=dataset_root, resize_size=40, augmentation=augmentation, num_decode_actors=2)
+    data = build_pipeline(cfg, 32, 1, decode_with=decode_with)
     assert data.meta.num_classes == 4 and data.meta.num_train == 24 and len(data.meta.eigvec) == 3
     batch = data.train.take_batch(8, batch_format="numpy")
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
