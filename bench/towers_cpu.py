@@ -1,13 +1,14 @@
 """Training-step throughput: tower-parallel (one process per tower, gloo)
 against the single-process reference, on the same cores, in one run.
 
-    python bench/towers_cpu.py [--steps 8] [--warmup 2] [--quick]
+    python bench/towers_cpu.py [--steps 8] [--warmup 2] [--rounds 3] [--quick]
 
 Both sides run the identical step (forward, loss, backward, SGD update) on
 the same synthetic batch. The reference uses all cores as intra-op threads;
 each tower process gets cores/towers threads, so the comparison is at equal
-core count. Reports the median step time and images/s, and the ratio
-tower-parallel / reference. Writes bench/results/towers_cpu.json.
+core count. The two sides alternate for `--rounds` rounds (A B A B ...), so
+a drift in machine speed hits both; each round gives a ratio of medians and
+the table reports the median round. Writes bench/results/towers_cpu.json.
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def _tower_worker(rank: int, world_size: int, spec_kwargs: dict, batch: int, ste
     model = build_tower(spec, groups, 0, torch.device("cpu"))
     step = TowerStep(model, build_optimizer(model, 0.01, 0.9, 5e-4), spec, groups)
     images, labels = _batch(spec_kwargs, batch)
+    torch.distributed.barrier()  # start together; the steps' own collectives keep them in lockstep
     times = []
     for index in range(warmup + steps):
-        torch.distributed.barrier()  # both towers start the step together
         start = time.perf_counter()
         step(images, labels)
         if index >= warmup:
@@ -103,16 +104,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="small config only, 4 steps")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small config only, 4 steps, 1 round")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "towers_cpu.json"))
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     configs = dict(list(CONFIGS.items())[:1]) if args.quick else CONFIGS
     steps = 4 if args.quick else args.steps
+    rounds = 1 if args.quick else args.rounds
     rows = []
     for name, (spec_kwargs, batch) in configs.items():
-        reference = statistics.median(reference_step_times(spec_kwargs, batch, steps, args.warmup, cores))
-        towers = statistics.median(tower_step_times(spec_kwargs, batch, steps, args.warmup, max(1, cores // 2)))
+        measured = []
+        for _ in range(rounds):
+            reference = statistics.median(reference_step_times(spec_kwargs, batch, steps, args.warmup, cores))
+            towers = statistics.median(tower_step_times(spec_kwargs, batch, steps, args.warmup, max(1, cores // 2)))
+            measured.append((reference / towers, reference, towers))
+        ratio, reference, towers = sorted(measured)[len(measured) // 2]  # the median round
         rows.append(
             {
                 "config": name,
@@ -121,17 +128,19 @@ def main() -> None:
                 "towers_step_s": towers,
                 "reference_images_per_s": batch / reference,
                 "towers_images_per_s": batch / towers,
-                "ratio": reference / towers,
+                "ratio": ratio,
+                "round_ratios": [m[0] for m in measured],
             }
         )
     header = f"{'config':<42} {'batch':>5} {'reference img/s':>16} {'2 towers img/s':>15} {'ratio':>6}"
-    print(f"\ntower-parallel (2 processes, gloo) vs reference (1 process), {cores} cores, median of {steps} steps")
+    print(f"\ntower-parallel (2 processes, gloo) vs reference (1 process), {cores} cores, median of {steps} steps, median of {rounds} alternating rounds")
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
             f"{row['config']:<42} {row['batch']:>5} {row['reference_images_per_s']:>16.1f} "
             f"{row['towers_images_per_s']:>15.1f} {row['ratio']:>6.2f}"
+            f"   rounds: {', '.join(f'{r:.2f}' for r in row['round_ratios'])}"
         )
     print("target: ratio >= 0.90")
     result = {
@@ -142,6 +151,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "steps": steps,
         "warmup": args.warmup,
+        "rounds": rounds,
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
