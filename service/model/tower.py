@@ -3,8 +3,10 @@
 Tower `t` of `T` holds output channels/neurons [t*C/T, (t+1)*C/T) of every
 layer (fc8 too when classes divide by T; otherwise a full replica). Where the
 paper's GPUs talked (before conv3, fc6, fc7, fc8) the tower calls
-`exchange(x)`, which must return the concatenation of all towers' `x` along
-dim 1 in tower order. The exchange is passed in, so this module knows nothing
+`exchange(x, replicated_after)`, which must return the concatenation of all
+towers' `x` along dim 1 in tower order. `replicated_after` tells it that
+everything downstream is computed identically on every tower (so the
+gradients coming back are identical too, and need no communication). The exchange is passed in, so this module knows nothing
 of how towers communicate: identity for one tower, an all-gather over a
 process group for several (see `service.parallel.exchange`).
 """
@@ -21,10 +23,10 @@ from service.model.layers import GroupedLRN, max_pool
 from service.model.reference import CONV_NAMES, FC_NAMES
 from service.model.spec import AlexNetSpec, tower_divisibility_problems
 
-Exchange = Callable[[torch.Tensor], torch.Tensor]
+Exchange = Callable[..., torch.Tensor]
 
 
-def identity_exchange(x: torch.Tensor) -> torch.Tensor:
+def identity_exchange(x: torch.Tensor, replicated_after: bool = False) -> torch.Tensor:
     """The exchange of a single tower: it already holds everything."""
     return x
 
@@ -84,6 +86,8 @@ class AlexNetTower(nn.Module):
             # Dropout on this tower's own neurons before the exchange, so every
             # tower sees the same (already dropped) activations afterwards.
             x = F.dropout(F.relu(getattr(self, name)(x)), self.spec.dropout, self.training)
-            x = self.exchange(x)  # exchanges 3 and 4: fc7 and fc8 read all of fc6 / fc7
+            # exchanges 3 and 4: fc7 and fc8 read all of fc6 / fc7. A replicated
+            # fc8 makes everything after the fc7 exchange identical per tower.
+            x = self.exchange(x, replicated_after=name == FC_NAMES[-1] and not self.spec.fc8_sliced)
         logits = self.fc8(x)
-        return self.exchange(logits) if self.spec.fc8_sliced else logits
+        return self.exchange(logits, replicated_after=True) if self.spec.fc8_sliced else logits

@@ -47,15 +47,22 @@ def _reduce_scatter_dim1(
 
 class _AllGatherChannels(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, replicated_after: bool) -> torch.Tensor:
         ctx.group = group
         ctx.world = dist.get_world_size(group)
         ctx.rank = dist.get_rank(group)
+        ctx.replicated_after = replicated_after
         return _gather_dim1(x, group, ctx.world)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter_dim1(grad, ctx.group, ctx.world, ctx.rank), None
+        if ctx.replicated_after:
+            # Every tower computed the same thing downstream, so every tower
+            # holds this same gradient: the sum over towers is world × ours,
+            # and no collective is needed (one fewer per step).
+            own = grad.chunk(ctx.world, dim=1)[ctx.rank] * ctx.world
+            return own.contiguous(), None, None
+        return _reduce_scatter_dim1(grad, ctx.group, ctx.world, ctx.rank), None, None
 
 
 class TowerExchange:
@@ -64,7 +71,7 @@ class TowerExchange:
     def __init__(self, group: Optional[dist.ProcessGroup]):
         self.group = group
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, replicated_after: bool = False) -> torch.Tensor:
         if self.group is None:
             return x
-        return _AllGatherChannels.apply(x, self.group)
+        return _AllGatherChannels.apply(x, self.group, replicated_after)
