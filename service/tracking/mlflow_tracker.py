@@ -178,11 +178,7 @@ class WorkerTracker:
         self.pending = []
 
     def log_png(self, png: bytes, artifact_file: str) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / Path(artifact_file).name
-            path.write_bytes(png)
-            parent = str(Path(artifact_file).parent)
-            self.client.log_artifact(self.handle.run_id, str(path), None if parent == "." else parent)
+        log_png(self.handle, png, artifact_file)
 
     def close(self) -> None:
         self.flush()
@@ -198,6 +194,7 @@ def metric_history(handle: RunHandle, keys: list[str]) -> dict[str, list[tuple[i
 
 
 def log_png(handle: RunHandle, png: bytes, artifact_file: str) -> None:
+    """Log PNG bytes as the artifact `artifact_file` (e.g. figures/x.png)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / Path(artifact_file).name
         path.write_bytes(png)
