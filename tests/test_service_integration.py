@@ -16,6 +16,7 @@ import pytest
 from service.hydra_app import compose
 from service.launch import train
 from service.tracking.mlflow_tracker import RUN_NAME_TAG
+from tests.servers import wait_until
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -116,8 +117,19 @@ def test_multirun_sweep_logs_children_under_one_parent(tiny_dataset, mlflow_serv
     assert sorted(c.data.params["recipe.lr"] for c in children) == ["0.01", "0.02"]
 
 
-def test_ray_job_submit_end_to_end(tiny_dataset, mlflow_server, ray_head, tmp_path):
+def _job_agent_registered() -> bool:
+    """True once the head's dashboard agent has published its address in the
+    GCS (the job server needs it; before that it answers "No available agent
+    to submit job")."""
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    return bool(_internal_kv_list("DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX:", namespace="dashboard"))
+
+
+def test_ray_job_submit_end_to_end(tiny_dataset, mlflow_server, ray_session, tmp_path):
     """`ray job submit --working-dir .` with token auth, as the README shows."""
+    ray_head = ray_session
+    wait_until(_job_agent_registered, 120, "the head's job agent")
     env = {**os.environ, **ray_head.env}
     overrides = _overrides(tiny_dataset, mlflow_server, ray_head, tmp_path / "ckpt", "jobs", "job-smoke")
     overrides = [o for o in overrides if not o.startswith("cluster.address")]
