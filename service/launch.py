@@ -83,7 +83,8 @@ def train(cfg: Config, parent=None) -> dict:
     name = run_name(cfg)
     # Cheap checks first (model table arithmetic needs only the class count).
     check_before_start(cfg, cfg.model.num_classes or 1000)
-    ray_train.connect(cfg.cluster.address)
+    ray_train.connect(cfg.cluster.address, min_cpus=ray_train.cpus_needed(cfg))
+    ray_train.warn_if_short(cfg)
     data_cfg, data = prepare_data(cfg)
     meta = data.meta
     layout, spec = check_before_start(cfg, meta.num_classes)

@@ -11,6 +11,7 @@ that print progress, report checkpoints to Ray Train and log to MLflow.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -40,9 +41,16 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- driver
 
 
-def connect(address: str) -> None:
+def cpus_needed(cfg: Config) -> float:
+    """CPUs the job reserves: the tower workers plus the decode tasks/actors."""
+    world = cfg.parallel.replicas * cfg.parallel.towers
+    return world * cfg.cluster.cpus_per_worker + cfg.data.num_decode_actors
+
+
+def connect(address: str, min_cpus: float = 0) -> None:
     """Join the configured cluster, the one a submitted job runs in, or start
-    a local one. Token authentication stays on (Ray 2.60's default)."""
+    a local one with at least `min_cpus` logical CPUs. Token authentication
+    stays on (Ray 2.60's default)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
@@ -55,9 +63,32 @@ def connect(address: str) -> None:
         # tower workers, the decode actors and Ray Data's read tasks each
         # reserve CPUs, and on a 2-core laptop they would otherwise wait for
         # each other forever; the OS shares the real cores among them.
-        num_cpus = max(4, os.cpu_count() or 1)
+        # Without enough, the decode tasks never get a CPU and training waits forever.
+        num_cpus = int(max(4, os.cpu_count() or 1, math.ceil(min_cpus) + 1))
         runtime_env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}
         ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+
+
+def warn_if_short(cfg: Config) -> None:
+    """Say so when the cluster cannot hold the job right now (it would wait;
+    an autoscaling cluster may still grow, so this is not an error)."""
+    resources = ray.cluster_resources()
+    need_cpus = cpus_needed(cfg)
+    world = cfg.parallel.replicas * cfg.parallel.towers
+    problems = []
+    if resources.get("CPU", 0) < need_cpus:
+        problems.append(
+            f"{need_cpus:g} CPUs ({world} workers x cluster.cpus_per_worker={cfg.cluster.cpus_per_worker:g} "
+            f"+ data.num_decode_actors={cfg.data.num_decode_actors}) but the cluster has {resources.get('CPU', 0):g}"
+        )
+    if cfg.cluster.use_gpu and resources.get("GPU", 0) < world:
+        problems.append(f"{world} GPUs (one per tower worker) but the cluster has {resources.get('GPU', 0):g}")
+    if problems:
+        print(
+            "[train] WARNING: the job needs " + "; and ".join(problems)
+            + ". It will wait for resources (lower cluster.cpus_per_worker, or add nodes).",
+            flush=True,
+        )
 
 
 class ReplicaDataConfig(DataConfig):

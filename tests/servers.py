@@ -100,7 +100,7 @@ def _kill_session(temp_dir: str) -> None:
         proc.kill()
 
 
-def start_ray_head(temp_dir: str, num_cpus: int = 4) -> RayHead:
+def start_ray_head(temp_dir: str, num_cpus: int = 6) -> RayHead:
     """`ray start --head` on 127.0.0.1 with token auth, its own temp dir."""
     env = quiet_env()
     port, dashboard_port = free_port(), free_port()

@@ -156,3 +156,20 @@ def test_ray_job_submit_end_to_end(tiny_dataset, mlflow_server, ray_session, tmp
     assert version.run_id == run.info.run_id
     progress = next((tmp_path / "ckpt").rglob("progress.json"))
     assert json.loads(progress.read_text())["mlflow_run_id"] == run.info.run_id
+
+
+def test_two_replicas_two_towers_with_ten_crop_eval(tiny_dataset, mlflow_server, ray_session, tmp_path):
+    """4 workers: data split by replica, every val image counted exactly once."""
+    base = _overrides(tiny_dataset, mlflow_server, ray_session, tmp_path / "ckpt", "replicas", "r2x2")
+    summary = train(
+        compose(base + ["parallel.replicas=2", "train.batch_size=32", "data.eval_crops=10", "tracking.registered_model="])
+    )
+    assert summary["val_images"] == 4 * 8  # classes x val_per_class of the tiny dataset
+    assert 0.0 <= summary["val_top1_error"] <= 1.0
+    checkpoint = Path(summary["checkpoint"])
+    assert checkpoint.parent == tmp_path / "ckpt" / "r2x2"
+    # Replica 0's towers write the shards; replica 1 holds identical weights.
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["progress.json", "tower_0.pt", "tower_1.pt"]
+    client = mlflow.MlflowClient(mlflow_server.url)
+    (run,) = _runs(client, "replicas")
+    assert run.data.params["parallel.replicas"] == "2"
