@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -96,7 +97,7 @@ def train(cfg: Config, parent=None) -> dict:
             f"({meta.num_train // layout.replicas} images); use a smaller batch"
         )
     config_dict = to_dict(cfg)
-    config_dict["data"] = to_dict_data(data_cfg)
+    config_dict["data"] = asdict(data_cfg)  # with the resolved data.root
     handle = None
     if cfg.tracking.enabled:
         from service.tracking import mlflow_tracker
@@ -134,12 +135,6 @@ def train(cfg: Config, parent=None) -> dict:
     if handle:
         summary.update(_finish_tracking(cfg, handle, folder, spec, summary))
     return summary
-
-
-def to_dict_data(data_cfg) -> dict:
-    from dataclasses import asdict
-
-    return asdict(data_cfg)
 
 
 def _finish_tracking(cfg: Config, handle, folder: Optional[str], spec, summary: dict) -> dict:
