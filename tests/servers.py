@@ -70,21 +70,27 @@ class RayHead:
 
     def stop(self) -> None:
         # `ray stop` would stop every Ray on the machine (by name); stop only
-        # the processes of our session, found by our own temp dir.
-        _kill_session(self.temp_dir)
+        # the processes of our session, found by our own temp dir, or (the
+        # Ray client server, which names neither) by our GCS port.
+        _kill_session(self.temp_dir, int(self.address.rsplit(":", 1)[1]))
 
 
-def _kill_session(temp_dir: str) -> None:
+def _kill_session(temp_dir: str, gcs_port: int) -> None:
     """Kill the processes of the Ray session rooted at `temp_dir` by PID."""
+    import re
+
     import psutil
 
+    ours = re.compile(rf"--address=\S+:{gcs_port}(\s|$)")
     victims = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == os.getpid():
+            continue
         try:
             cmdline = " ".join(proc.info["cmdline"] or [])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if temp_dir in cmdline:
+        if temp_dir in cmdline or ours.search(cmdline):
             victims.append(proc)
             try:
                 victims.extend(proc.children(recursive=True))  # workers retitle themselves
