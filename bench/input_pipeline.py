@@ -44,7 +44,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from service.config import DataConfig  # noqa: E402
-from service.data import build_pipeline, split_for_replicas, storage, transforms  # noqa: E402
+from service.data import storage, transforms  # noqa: E402
+from service.data.pipeline import build_pipeline, split_for_replicas  # noqa: E402
 from service.data.ingest import IngestConfig, run_ingest  # noqa: E402
 from service.data.meta import load_meta  # noqa: E402
 from service.data.pipeline import TrainTransform  # noqa: E402
@@ -170,7 +171,7 @@ def bench_baseline(raw: str, cores: int, runs: int) -> list[float]:
 
 
 def bench_pipeline(root: str, cores: int, runs: int, s3: storage.S3Settings) -> tuple[list[float], list[float], list[float]]:
-    cfg = DataConfig(root=root, resize_size=RESIZE, num_decode_actors=cores, shuffle_seed=0,
+    cfg = DataConfig(root=root, resize_size=RESIZE, decode_concurrency=cores, shuffle_seed=0,
                      s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key)
     data = build_pipeline(cfg, IMAGE_SIZE, 1)
     iterator = split_for_replicas(data.train, 1)[0]

@@ -15,11 +15,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from service.data.options import AUGMENTATIONS, EVAL_CROPS
+from service.model.spec import ALLOWED_TOWERS
+
 MODEL_NAMES = ("alexnet", "alexnet_owt", "alexnet_small")
 SCHEDULES = ("plateau", "step", "cosine", "constant")
-AUGMENTATIONS = ("paper", "rrc")
-EVAL_CROPS = (1, 10)
 WEIGHT_INITS = ("paper", "kaiming")
+RESUME_MODES = ("auto", "never", "require")
+GRAD_COMPRESSIONS = ("none", "bf16")
 
 
 class ConfigError(ValueError):
@@ -53,6 +56,13 @@ class ParallelConfig:
     towers: int = 2
     # -- Data-parallel model replicas.
     replicas: int = 1
+    # -- Towers of one replica exchange activations every step and belong on
+    #    one node (NVLink). A replica spread over nodes fails at start-up
+    #    naming the nodes, unless this is true (then it only warns).
+    allow_cross_node_towers: bool = False
+    # -- Replica gradient all-reduce payload: "none" (fp32) or "bf16"
+    #    (half the bytes; for multi-node data parallelism over slow links).
+    grad_compression: str = "none"
 
 
 @dataclass
@@ -71,14 +81,23 @@ class DataConfig:
     # -- Training augmentation: "paper" (random 224 crop of 256 + flip + PCA
     #    lighting) or "rrc" (RandomResizedCrop + flip).
     augmentation: str = "paper"
+    # -- Random horizontal flips in training and mirrored crops in 10-crop
+    #    evaluation. Turn off for data that is not mirror-symmetric (text,
+    #    digits, some medical images).
+    hflip: bool = True
     # -- Standard deviation of the PCA lighting noise (paper: 0.1).
     pca_lighting_std: float = 0.1
     # -- Evaluation crops: 1 (centre) or 10 (paper: 4 corners + centre, mirrored).
     eval_crops: int = 1
     # -- Side the shards are stored at; crops are taken from it.
     resize_size: int = 256
-    # -- CPU actors decoding and augmenting (Ray Data map_batches concurrency).
-    num_decode_actors: int = 1
+    # -- Concurrent Ray Data decode + augment tasks (one CPU each) for the
+    #    whole job. 0 = auto: the cluster's CPUs not reserved by training
+    #    workers. An explicit number wins.
+    decode_concurrency: int = 0
+    # -- A shard that cannot be read mid-run stops training with an error
+    #    naming it; true skips it instead and reports how many were skipped.
+    skip_bad_shards: bool = False
     # -- Seed of the per-epoch shuffle.
     shuffle_seed: int = 0
     # -- S3 endpoint override (MinIO, a local S3 server); credentials always
@@ -89,6 +108,9 @@ class DataConfig:
     #    are secrets: redacted from logs, MLflow params and artifacts.
     s3_access_key: str = ""
     s3_secret_key: str = ""
+    # -- Attempts per S3 request (botocore "standard" retry mode and pyarrow's
+    #    AWS standard retry strategy), for throttling (503 SlowDown) and resets.
+    s3_max_attempts: int = 10
 
 
 @dataclass
@@ -114,9 +136,13 @@ class RecipeConfig:
     step_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
     # -- Linear warm-up length in epochs (0 = none).
     warmup_epochs: float = 0.0
-    # -- GPU speed switches (ignored on CPU).
+    # -- GPU speed switches (ignored on CPU): bf16 autocast (activations and
+    #    exchanges in bf16, weights and the update in fp32), NHWC activations,
+    #    TF32 matmul/conv, cuDNN autotuning.
     bf16: bool = False
     channels_last: bool = False
+    tf32: bool = False
+    cudnn_benchmark: bool = False
     # -- Label smoothing (0 = the paper's plain cross-entropy).
     label_smoothing: float = 0.0
 
@@ -139,6 +165,9 @@ class TrainConfig:
     max_steps: int = 0
     # -- Evaluate every N epochs.
     eval_every_epochs: int = 1
+    # -- torch.compile each tower: true, false, or null = on for GPU runs
+    #    with recipe.bf16 (recipe=fast), off otherwise.
+    compile: Optional[bool] = None
 
 
 @dataclass
@@ -147,7 +176,8 @@ class ClusterConfig:
 
     name: str = "local"
     use_gpu: bool = False
-    # -- CPUs reserved per training worker.
+    # -- CPUs reserved per training worker (it needs ~1-2 on a GPU: the
+    #    step runs on the device; decoding has CPUs of its own).
     cpus_per_worker: float = 1.0
     # -- Ray address; empty = RAY_ADDRESS, the submitting job's cluster, or a
     #    new local cluster.
@@ -179,6 +209,9 @@ class RunConfig:
     # -- The resume key: re-running with the same name continues the run.
     #    Empty: a fresh timestamped name.
     name: str = ""
+    # -- "auto": resume when a checkpoint of this name exists, else start;
+    #    "never": fail if one exists; "require": fail if none exists.
+    resume: str = "auto"
 
 
 @dataclass
@@ -227,11 +260,13 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"model.dropout={cfg.model.dropout!r} must be in [0, 1)")
     if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes!r} must be >= 2 (or null)")
-    _choice("parallel.towers", cfg.parallel.towers, (1, 2, 4, 8))
+    _choice("parallel.towers", cfg.parallel.towers, ALLOWED_TOWERS)
     _positive("parallel.replicas", cfg.parallel.replicas)
+    _choice("parallel.grad_compression", cfg.parallel.grad_compression, GRAD_COMPRESSIONS)
     _choice("data.augmentation", cfg.data.augmentation, AUGMENTATIONS)
     _choice("data.eval_crops", cfg.data.eval_crops, EVAL_CROPS)
-    _positive("data.num_decode_actors", cfg.data.num_decode_actors)
+    _positive("data.decode_concurrency", cfg.data.decode_concurrency, allow_zero=True)
+    _positive("data.s3_max_attempts", cfg.data.s3_max_attempts)
     if cfg.data.resize_size < cfg.model.image_size:
         raise ConfigError(
             f"data.resize_size={cfg.data.resize_size} is smaller than model.image_size="
@@ -255,6 +290,7 @@ def validate_config(cfg: Config) -> None:
             f"{cfg.parallel.replicas}; use a multiple of {cfg.parallel.replicas}, e.g. {fits or cfg.parallel.replicas}"
         )
     _positive("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker)
+    _choice("run.resume", cfg.run.resume, RESUME_MODES)
     if not cfg.storage.path:
         raise ConfigError("storage.path is empty; give a local folder or an s3:// URI")
 

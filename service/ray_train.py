@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 def cpus_needed(cfg: Config) -> float:
     """CPUs the job reserves: the tower workers plus the decode tasks/actors."""
     world = cfg.parallel.replicas * cfg.parallel.towers
-    return world * cfg.cluster.cpus_per_worker + cfg.data.num_decode_actors
+    return world * cfg.cluster.cpus_per_worker + max(1, cfg.data.decode_concurrency)
 
 
 def connect(address: str, min_cpus: float = 0) -> None:
@@ -79,7 +79,7 @@ def warn_if_short(cfg: Config) -> None:
     if resources.get("CPU", 0) < need_cpus:
         problems.append(
             f"{need_cpus:g} CPUs ({world} workers x cluster.cpus_per_worker={cfg.cluster.cpus_per_worker:g} "
-            f"+ data.num_decode_actors={cfg.data.num_decode_actors}) but the cluster has {resources.get('CPU', 0):g}"
+            f"+ data.decode_concurrency={max(1, cfg.data.decode_concurrency)}) but the cluster has {resources.get('CPU', 0):g}"
         )
     if cfg.cluster.use_gpu and resources.get("GPU", 0) < world:
         problems.append(f"{world} GPUs (one per tower worker) but the cluster has {resources.get('GPU', 0):g}")

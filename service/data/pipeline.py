@@ -42,8 +42,8 @@ from PIL import Image
 
 from service.data import storage, transforms
 from service.data.meta import DatasetMeta, load_meta
+from service.data.options import AUGMENTATIONS
 
-AUGMENTATIONS = ("paper", "rrc")
 
 
 @dataclass
@@ -222,8 +222,9 @@ def build_pipeline(data_cfg: Any, image_size: int, num_replicas: int, *,
         raise ValueError(f"data.eval_crops={data_cfg.eval_crops!r}; choose 1 or 10")
     if image_size > data_cfg.resize_size:
         raise ValueError(f"image_size={image_size} is larger than data.resize_size={data_cfg.resize_size}")
-    if num_replicas < 1 or data_cfg.num_decode_actors < 1:
-        raise ValueError(f"num_replicas={num_replicas} and data.num_decode_actors={data_cfg.num_decode_actors} must be >= 1")
+    if num_replicas < 1:
+        raise ValueError(f"num_replicas={num_replicas} must be >= 1")
+    workers = max(1, data_cfg.decode_concurrency)
     if not data_cfg.root:
         raise ValueError("data.root is empty; ingest a dataset (or generate_demo_dataset) first")
     s3 = storage.S3Settings.from_data_config(data_cfg)
@@ -235,16 +236,16 @@ def build_pipeline(data_cfg: Any, image_size: int, num_replicas: int, *,
                          f"smaller than data.resize_size={data_cfg.resize_size}; re-ingest with resize_size="
                          f"{data_cfg.resize_size} or lower data.resize_size")
 
-    max_reads = max(2, data_cfg.num_decode_actors)
+    max_reads = max(2, workers)
     train_kwargs = {"image_size": image_size, "resize_size": data_cfg.resize_size,
                     "augmentation": data_cfg.augmentation, "pca_lighting_std": data_cfg.pca_lighting_std,
                     "eigval": meta.eigval, "eigvec": meta.eigvec, "seed": data_cfg.shuffle_seed}
     val_kwargs = {"image_size": image_size, "resize_size": data_cfg.resize_size, "eval_crops": data_cfg.eval_crops}
     train = _decode(_read_shards(meta, data_cfg.root, "train", s3, data_cfg.shuffle_seed, include_keys, max_reads),
-                    TrainTransform, train_kwargs, data_cfg.num_decode_actors, cpus_per_decode_actor,
+                    TrainTransform, train_kwargs, workers, cpus_per_decode_actor,
                     decode_batch_size, decode_with)
     val = _decode(_read_shards(meta, data_cfg.root, "val", s3, None, include_keys, max_reads),
-                  EvalTransform, val_kwargs, data_cfg.num_decode_actors, cpus_per_decode_actor,
+                  EvalTransform, val_kwargs, workers, cpus_per_decode_actor,
                   decode_batch_size, decode_with)
     return TrainingData(meta=meta, train=train, val=val)
 

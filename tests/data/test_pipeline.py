@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.config import DataConfig
-from service.data import build_pipeline, split_for_replicas
+from service.data.pipeline import build_pipeline, split_for_replicas
 from service.data.ingest import IngestConfig, run_ingest
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ def dataset_root(ray_local, synth_dataset, tmp_path_factory):
 
 @pytest.mark.parametrize("augmentation, decode_with", [("paper", "tasks"), ("rrc", "actors")])
 def test_train_batches_follow_the_contract(dataset_root, augmentation, decode_with):
-    cfg = DataConfig(root=dataset_root, resize_size=40, augmentation=augmentation, num_decode_actors=2)
+    cfg = DataConfig(root=dataset_root, resize_size=40, augmentation=augmentation, decode_concurrency=2)
     data = build_pipeline(cfg, 32, 1, decode_with=decode_with)
     assert data.meta.num_classes == 4 and data.meta.num_train == 24 and len(data.meta.eigvec) == 3
     batch = data.train.take_batch(8, batch_format="numpy")

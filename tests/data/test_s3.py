@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from service.config import DataConfig
-from service.data import build_pipeline, storage
+from service.data import storage
+from service.data.pipeline import build_pipeline
 from service.data.ingest import IngestConfig, run_ingest
 from service.data.meta import load_meta
 
