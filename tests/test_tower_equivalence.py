@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from service.model import ReferenceAlexNet, alexnet_spec
 from service.parallel.layout import ParallelLayout
 from service.parallel.sharding import reference_to_tower, towers_to_reference
-from service.train.setup import build_optimizer, build_tower, rank_groups
+from service.train.build import build_optimizer, build_tower, rank_groups
 from service.train.step import TowerStep
 from service.parallel.local import run_on_processes
 

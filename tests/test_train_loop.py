@@ -9,9 +9,9 @@ from service.model import ReferenceAlexNet, alexnet_spec
 from service.parallel.layout import ParallelLayout
 from service.parallel.local import run_on_processes
 from service.train import checkpoint as ckpt
-from service.train.loop import LoopOptions, Progress, TowerTraining, run_training
+from service.train.build import TowerTraining, build_optimizer, build_tower, rank_groups
+from service.train.loop import LoopOptions, Progress, run_training
 from service.train.schedule import LRSchedule
-from service.train.setup import build_optimizer, build_tower, rank_groups
 from service.train.step import Normalizer, TowerStep
 
 
@@ -86,7 +86,8 @@ def test_loop_trains_without_ray_and_checkpoints_round_trip(tmp_path):
     )
     data = _learnable_batches()
     hooks = RecordingHooks()
-    final = run_training(training, lambda epoch: data, lambda epoch: data[:2], hooks, LoopOptions(epochs=6, log_every_steps=4))
+    final = run_training(training, lambda epoch, done: data[done:], lambda epoch: data[:2], hooks,
+                         LoopOptions(epochs=6, steps_per_epoch=8, log_every_steps=4))
     assert (final.epoch, final.step) == (6, 48)
     assert [e for e, _, _ in hooks.epochs] == [1, 2, 3, 4, 5, 6]
     assert hooks.epochs[-1][1]["val_top1_error"] < 0.5  # learned something (chance: 0.75)
@@ -115,7 +116,8 @@ def test_max_steps_stops_and_checkpoints_mid_epoch():
     )
     hooks = RecordingHooks()
     data = _learnable_batches()
-    final = run_training(training, lambda e: data, lambda e: data, hooks, LoopOptions(epochs=3, max_steps=5), start=Progress(0, 0))
+    final = run_training(training, lambda e, done: data[done:], lambda e: data, hooks,
+                         LoopOptions(epochs=3, steps_per_epoch=8, max_steps=5), start=Progress(0, 0))
     assert (final.epoch, final.step) == (0, 5)
     assert [p.step for p, _ in hooks.checkpoints] == [5]
 

@@ -27,11 +27,13 @@ class GroupedLRN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Autocast runs LRN's pow/div in fp32; casting back keeps bf16
+        # activations bf16 downstream (pooling, and the exchange before conv3).
         if self.groups == 1:
-            return self.lrn(x)
+            return self.lrn(x).to(x.dtype)
         batch, channels, height, width = x.shape
         grouped = x.reshape(batch * self.groups, channels // self.groups, height, width)
-        return self.lrn(grouped).reshape(batch, channels, height, width)
+        return self.lrn(grouped).reshape(batch, channels, height, width).to(x.dtype)
 
 
 def max_pool(x: torch.Tensor) -> torch.Tensor:

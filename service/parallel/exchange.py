@@ -1,9 +1,17 @@
 """Autograd-aware activation exchange between the towers of one replica.
 
-Forward: all-gather every tower's slice and concatenate along dim 1 in tower
-order. Backward: each tower receives the *sum* over towers of the gradient
-w.r.t. its slice (a reduce-scatter), because every tower's downstream layers
-read that slice.
+Forward: all-gather every tower's slice and concatenate along the channel
+(or feature) dimension in tower order. Backward: each tower receives the
+*sum* over towers of the gradient w.r.t. its slice (a reduce-scatter),
+because every tower's downstream layers read that slice.
+
+Memory layout: the gather runs on a buffer whose leading dimension is the
+tower, laid out so that the caller's tensor is a free view of one slot: a
+channels_last [N, C, H, W] map is gathered as [towers, N, H, W, C] and comes
+back channels_last, an NCHW map as [towers, N, C, H, W]. The only copy is
+the final interleave of the tower slots along channels, so channels_last
+activations never round-trip through NCHW. The dtype travels as it is: under
+bf16 autocast the exchanges move bf16.
 
 Note on the loss: after the last exchange every tower holds the same logits
 and computes the same loss, so the summed gradient is `towers` times too
@@ -18,51 +26,71 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-
-def _gather_dim1(x: torch.Tensor, group: dist.ProcessGroup, world: int) -> torch.Tensor:
-    x = x.contiguous()
-    if dist.get_backend(group) == "nccl":
-        # One fused collective into a [world, ...] buffer, then reorder.
-        out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x, group=group)
-        return torch.cat(out.unbind(0), dim=1)
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=1)
+# torch >= 2.13 renamed the single-tensor collectives; older releases (the GPU
+# machines run 2.11) only have the *_into_tensor/*_tensor names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _reduce_scatter_dim1(
-    grad: torch.Tensor, group: dist.ProcessGroup, world: int, rank_in_group: int
-) -> torch.Tensor:
-    chunks = [c.contiguous() for c in grad.chunk(world, dim=1)]
-    if dist.get_backend(group) == "nccl":
-        out = torch.empty_like(chunks[0])
-        dist.reduce_scatter(out, chunks, group=group)
-        return out
-    # gloo has no reduce_scatter: sum everything, keep our slice.
-    full = grad.contiguous()
-    dist.all_reduce(full, group=group)
-    return full.chunk(world, dim=1)[rank_in_group].contiguous()
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _slot_view(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a contiguous tensor with channels last in memory (a view when possible)."""
+    return x.permute(0, 2, 3, 1).contiguous() if _is_channels_last(x) else x.contiguous()
+
+
+def _interleave(buffer: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """[towers, N, ...] tower slots -> the concatenation along channels."""
+    towers = buffer.shape[0]
+    if channels_last:  # [T, N, H, W, C] -> [N, H, W, T*C] -> NCHW view, channels_last memory
+        _, n, h, w, c = buffer.shape
+        return buffer.permute(1, 2, 3, 0, 4).reshape(n, h, w, towers * c).permute(0, 3, 1, 2)
+    n, c = buffer.shape[1], buffer.shape[2]
+    return buffer.transpose(0, 1).reshape(n, towers * c, *buffer.shape[3:])
+
+
+def _split_slots(grad: torch.Tensor, towers: int, channels_last: bool) -> torch.Tensor:
+    """Inverse of `_interleave`: the concatenated gradient as [towers, N, ...] slots."""
+    if channels_last:
+        n, _, h, w = grad.shape
+        nhwc = grad.permute(0, 2, 3, 1).reshape(n, h, w, towers, -1)
+        return nhwc.permute(3, 0, 1, 2, 4).contiguous()
+    n = grad.shape[0]
+    return grad.reshape(n, towers, -1, *grad.shape[2:]).transpose(0, 1).contiguous()
+
+
+def _from_slot(slot: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return slot.permute(0, 3, 1, 2) if channels_last else slot
 
 
 class _AllGatherChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, replicated_after: bool) -> torch.Tensor:
         ctx.group = group
-        ctx.world = dist.get_world_size(group)
+        ctx.towers = dist.get_world_size(group)
         ctx.rank = dist.get_rank(group)
         ctx.replicated_after = replicated_after
-        return _gather_dim1(x, group, ctx.world)
+        ctx.channels_last = _is_channels_last(x)
+        slot = _slot_view(x)
+        # The concatenated form [towers * N, ...] (gloo accepts no other), seen as slots.
+        buffer = torch.empty((ctx.towers * slot.shape[0], *slot.shape[1:]), dtype=slot.dtype, device=slot.device)
+        _all_gather_single(buffer, slot, group=group)
+        return _interleave(buffer.view(ctx.towers, *slot.shape), ctx.channels_last)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        slots = _split_slots(grad, ctx.towers, ctx.channels_last)
         if ctx.replicated_after:
             # Every tower computed the same thing downstream, so every tower
-            # holds this same gradient: the sum over towers is world × ours,
+            # holds this same gradient: the sum over towers is towers x ours,
             # and no collective is needed (one fewer per step).
-            own = grad.chunk(ctx.world, dim=1)[ctx.rank] * ctx.world
-            return own.contiguous(), None, None
-        return _reduce_scatter_dim1(grad, ctx.group, ctx.world, ctx.rank), None, None
+            own = slots[ctx.rank] * ctx.towers
+        else:
+            own = torch.empty_like(slots[0])
+            _reduce_scatter_single(own, slots.flatten(0, 1), group=ctx.group)
+        return _from_slot(own, ctx.channels_last), None, None
 
 
 class TowerExchange:
@@ -71,6 +99,10 @@ class TowerExchange:
     def __init__(self, group: Optional[dist.ProcessGroup]):
         self.group = group
 
+    # A collective inside a compiled graph would need tracing support for
+    # process groups; excluding the exchange keeps torch.compile to the
+    # per-tower compute between exchanges (graph breaks at each exchange).
+    @torch.compiler.disable
     def __call__(self, x: torch.Tensor, replicated_after: bool = False) -> torch.Tensor:
         if self.group is None:
             return x

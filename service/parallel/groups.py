@@ -3,7 +3,12 @@
 `dist.new_group` is collective over the *whole* world: every rank must create
 every subgroup, in the same order, even groups it is not a member of (NCCL
 hangs otherwise). `create_groups` does exactly that, right after
-`init_process_group`, and keeps only the two groups this rank belongs to.
+`init_process_group`, and keeps only the groups this rank belongs to.
+
+Besides the tower group (activations, on the device's backend) each replica
+gets a CPU (gloo) twin for batch headers: a sibling tower learns a batch's
+shape from a CPU tensor, which never waits for the GPU, whereas reading a
+header that arrived over NCCL would stall the host on every step.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ class RankGroups:
     # None when the group would have a single member (no communication needed).
     tower_group: Optional[dist.ProcessGroup]
     data_parallel_group: Optional[dist.ProcessGroup]
+    # The tower group's CPU twin for small host-side messages (batch headers).
+    # The tower group itself when that already runs on gloo.
+    header_group: Optional[dist.ProcessGroup] = None
 
     @property
     def replica(self) -> int:
@@ -51,18 +59,24 @@ def create_groups(layout: ParallelLayout) -> RankGroups:
         )
     rank = dist.get_rank()
     tower_group = None
+    header_group = None
     data_parallel_group = None
     if layout.towers > 1:
         for replica in range(layout.replicas):
             group = dist.new_group(layout.tower_group_ranks(replica))
             if layout.replica_of(rank) == replica:
-                tower_group = group
+                tower_group = header_group = group
+        if dist.get_backend() != "gloo":
+            for replica in range(layout.replicas):
+                group = dist.new_group(layout.tower_group_ranks(replica), backend="gloo")
+                if layout.replica_of(rank) == replica:
+                    header_group = group
     if layout.replicas > 1:
         for tower in range(layout.towers):
             group = dist.new_group(layout.data_parallel_ranks(tower))
             if layout.tower_of(rank) == tower:
                 data_parallel_group = group
-    return RankGroups(layout, rank, tower_group, data_parallel_group)
+    return RankGroups(layout, rank, tower_group, data_parallel_group, header_group)
 
 
 def single_process_groups(layout: ParallelLayout) -> RankGroups:

@@ -1,11 +1,17 @@
 """One training step of one tower, and evaluation.
 
 Runs under any initialised process group (gloo on CPU, NCCL on GPU) or none
-at all (1 replica × 1 tower). No Ray here.
+at all (1 replica x 1 tower). No Ray here.
+
+Nothing in a step reads a device tensor on the host: the loss and the top-1
+hits come back as device tensors, and the loop decides when to read them
+(logging steps and epoch ends only), so the host can queue steps ahead of
+the GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -15,23 +21,28 @@ from torch import nn
 from torch.nn import functional as F
 
 from service.model.spec import AlexNetSpec
-from service.parallel.gradients import sync_gradients
+from service.parallel.gradients import sum_replicated_over_towers, wrap_data_parallel
 from service.parallel.groups import RankGroups
 
 
 @dataclass(frozen=True)
 class StepOptions:
-    """Numerics switches of the step."""
+    """Numerics and speed switches of the step."""
 
-    # bf16 autocast for the forward pass (GPU); weights and the update stay fp32.
+    # bf16 autocast (GPU): activations and exchanges in bf16; weights, the loss
+    # and the update stay fp32.
     bf16: bool = False
     # NHWC activations; the uint8 NHWC batch becomes channels_last for free.
     channels_last: bool = False
     label_smoothing: float = 0.0
+    # torch.compile the tower (the exchanges stay outside the compiled graphs).
+    compile: bool = False
+    # Replica gradient all-reduce payload: "none" (fp32) or "bf16".
+    grad_compression: str = "none"
 
 
 class Normalizer:
-    """uint8 NHWC batch on the device → normalised float NCHW.
+    """uint8 NHWC batch on the device -> normalised float NCHW.
 
     Lighting (PCA noise, in 0-255 pixel units) is added before the mean is
     subtracted; `mean`/`std` are per-channel RGB in 0-255 units.
@@ -52,8 +63,21 @@ class Normalizer:
         return x.contiguous(memory_format=memory_format)
 
 
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when asked; a no-op context otherwise."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class TowerStep:
-    """Forward, loss, backward, gradient sync and SGD update for one tower."""
+    """Forward, loss, backward, gradient sync and SGD update for one tower.
+
+    `model` is the plain tower (its state dict is the checkpoint shard). The
+    step trains through a wrapper: DDP on the tower's data-parallel group
+    when there are several replicas (its all-reduce overlaps backward), and
+    torch.compile on top when `options.compile` is set.
+    """
 
     def __init__(
         self,
@@ -68,21 +92,19 @@ class TowerStep:
         self.spec = spec
         self.groups = groups
         self.options = options
-
-    def _autocast(self, device: torch.device):
-        enabled = self.options.bf16 and device.type == "cuda"
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+        trained = wrap_data_parallel(model, groups, options.grad_compression)
+        self.trained = torch.compile(trained) if options.compile else trained
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and logits; leaves synchronised global gradients in `.grad`."""
+        """Loss and logits (device tensors); leaves global gradients in `.grad`."""
         self.model.train()
-        with self._autocast(images.device):
-            logits = self.model(images)
+        with autocast(images.device, self.options.bf16):
+            logits = self.trained(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.options.label_smoothing)
         # Every tower computes this same loss; the exchanges' backward sums over
         # towers, so scale by 1/towers to get the true gradient (see exchange.py).
         (loss / self.spec.towers).backward()
-        sync_gradients(self.model, self.spec, self.groups)
+        sum_replicated_over_towers(self.model, self.spec, self.groups)
         return loss.detach(), logits.detach()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,12 +114,11 @@ class TowerStep:
         return loss, logits
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
-    """How many labels are in the top-k predictions, for each k."""
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """How many labels are in the top-k predictions, for each k (a device tensor)."""
     k_max = min(max(ks), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices
-    hits = top.eq(labels.view(-1, 1))
-    return [int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks]
+    hits = logits.topk(k_max, dim=1).indices.eq(labels.view(-1, 1))
+    return torch.stack([hits[:, : min(k, k_max)].any(dim=1).sum() for k in ks])
 
 
 @torch.no_grad()
@@ -109,7 +130,8 @@ def evaluate(
     bf16: bool = False,
 ) -> dict[str, float]:
     """Top-1/top-5 error and loss over this replica's batches, summed over
-    all replicas (exact: counts are all-reduced, not averaged).
+    all replicas (exact: counts are all-reduced, not averaged). One host read,
+    at the end.
 
     A batch image of shape [N, crops, H, W, C] is evaluated crop by crop and
     the softmax averaged over crops (the paper's 10-crop testing).
@@ -121,12 +143,13 @@ def evaluate(
         image, labels = batch["image"], batch["label"]
         crops = image.shape[1] if image.dim() == 5 else 1
         flat = image.reshape(-1, *image.shape[-3:])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        with autocast(device, bf16):
             logits = model(normalizer(flat)).float()
         probs = logits.softmax(dim=1).view(len(labels), crops, -1).mean(dim=1)
-        top1, top5 = topk_correct(probs, labels)
         loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
-        totals += torch.tensor([len(labels), top1, top5, float(loss)], dtype=torch.float64, device=device)
+        totals[0] += len(labels)
+        totals[1:3] += topk_hits(probs, labels)
+        totals[3] += loss
     if groups.data_parallel_group is not None:
         dist.all_reduce(totals, group=groups.data_parallel_group)
     count, top1, top5, loss_sum = totals.tolist()
