@@ -1,36 +1,32 @@
-"""`python -m service.train`: the training job, start to finish.
+"""`python -m service.train`: the training job, start to finish (the driver).
 
-parse config (Hydra) → validate → data (ingested shards, or generated ones
-for the demo) → MLflow run (new, or resumed by run.name) → Ray Train fit →
-consolidated model logged and registered → summary on the console.
+parse config (Hydra) -> cheap checks (layout, model split, tracking server,
+data root) -> resume point and its guards -> Ray -> data -> MLflow run (new,
+or resumed by run.name) -> Ray Train fit -> the best checkpoint logged and
+registered -> summary on the console. Every check that can fail runs before
+any worker starts.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Optional
 
-import hydra
-from omegaconf import DictConfig
-
-from service.cli import spec_from_config
-from service.config import Config, ConfigError, to_dict
-from service.hydra_app import CONFIG_NAME, conf_dir, register_schema, to_config
+from service import hydra_app
+from service.config import Config, ConfigError, to_dict, validate_config
 from service.parallel.layout import ParallelLayout
 from service.tracking.redact import redact
+from service.train.build import spec_for, training_options
+from service.train.loop import LoopOptions
 
 log = logging.getLogger("service.train")
-
-
-def base_lr(cfg: Config) -> float:
-    """The recipe's lr, linearly scaled with the global batch when asked."""
-    if cfg.recipe.scale_lr:
-        return cfg.recipe.lr * cfg.train.batch_size / cfg.recipe.reference_batch_size
-    return cfg.recipe.lr
+CRASH_ENV = "ALEXNET_TEST_CRASH_IN_CHECKPOINT"
 
 
 def run_name(cfg: Config) -> str:
@@ -39,23 +35,26 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.model.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_before_start(cfg: Config, num_classes: int):
+def check_layout(cfg: Config, num_classes: int):
     """Every layout/model error surfaces here, before any worker starts."""
     layout = ParallelLayout(cfg.parallel.replicas, cfg.parallel.towers)
-    spec = spec_from_config(cfg.model, cfg.parallel.towers, num_classes)
+    spec = spec_for(cfg.model, cfg.parallel.towers, num_classes)
     layout.validate_model(spec)
     layout.validate_batch(cfg.train.batch_size)
     return layout, spec
 
 
-def prepare_data(cfg: Config):
-    """The Ray Data pipeline over `data.root`, generating a demo dataset when
-    no root is given."""
-    from dataclasses import replace
-    from pathlib import Path
+def storage_location(cfg: Config):
+    """(storage_path, filesystem) of the checkpoints, as Ray Train takes them."""
+    from service.data import storage
 
+    return storage.checkpoint_filesystem(cfg.storage.path, storage.S3Settings.from_data_config(cfg.data))
+
+
+def prepare_data(cfg: Config):
+    """The data source over `data.root`, generating the demo dataset when no root is given."""
     from service.data.demo import generate_demo_dataset
-    from service.data.pipeline import build_pipeline
+    from service.data.pipeline import open_source
 
     data_cfg = cfg.data
     if not data_cfg.root:
@@ -72,23 +71,37 @@ def prepare_data(cfg: Config):
         data_cfg = replace(data_cfg, root=str(root))
     elif "://" not in data_cfg.root:
         data_cfg = replace(data_cfg, root=str(Path(data_cfg.root).resolve()))
-    return data_cfg, build_pipeline(data_cfg, cfg.model.image_size, cfg.parallel.replicas)
+    return data_cfg, open_source(data_cfg, cfg.model.image_size, cfg.parallel.replicas)
+
+
+def _classes_digest(wnids: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(wnids).encode()).hexdigest()[:16]
 
 
 def train(cfg: Config, parent=None) -> dict:
     """Run one training job; returns a summary dict."""
-    from service import ray_train
-    from service.train import checkpoint as ckpt
+    from service import ray_cluster, ray_train
+    from service.resume import check_resume, find_resume_point
 
     started = time.monotonic()
     name = run_name(cfg)
-    # Cheap checks first (model table arithmetic needs only the class count).
-    check_before_start(cfg, cfg.model.num_classes or 1000)
-    ray_train.connect(cfg.cluster.address, min_cpus=ray_train.cpus_needed(cfg))
-    ray_train.warn_if_short(cfg)
-    data_cfg, data = prepare_data(cfg)
-    meta = data.meta
-    layout, spec = check_before_start(cfg, meta.num_classes)
+    check_layout(cfg, cfg.model.num_classes or 1000)
+    if cfg.tracking.enabled:
+        from service.tracking import mlflow_tracker
+
+        mlflow_tracker.check_tracking_reachable(mlflow_tracker.resolve_tracking_uri(cfg.tracking.uri))
+    if cfg.data.root:
+        from service.data import storage
+
+        storage.check_data_root(cfg.data.root, storage.S3Settings.from_data_config(cfg.data))
+    storage_path, filesystem = storage_location(cfg)
+    point = find_resume_point(filesystem, f"{storage_path}/{name}")
+    ray_cluster.connect(cfg)
+    data_cfg, source = prepare_data(cfg)
+    meta = source.meta
+    layout, spec = check_layout(cfg, meta.num_classes)
     per_replica = cfg.train.batch_size // layout.replicas
     steps_per_epoch = (meta.num_train // layout.replicas) // per_replica
     if steps_per_epoch == 0:
@@ -98,28 +111,50 @@ def train(cfg: Config, parent=None) -> dict:
         )
     config_dict = to_dict(cfg)
     config_dict["data"] = asdict(data_cfg)  # with the resolved data.root
-    handle = None
+    config_dict = redact(config_dict)
+    facts = {"num_classes": meta.num_classes, "classes_digest": _classes_digest(meta.wnids),
+             "steps_per_epoch": steps_per_epoch}
+    check_resume(point, cfg.run.resume, name, config_dict, facts)
+    decode = ray_cluster.plan_decode(cfg, ray_cluster.cluster_cpus())
+    ray_cluster.warn_if_short(cfg, decode)
+    handle, last_logged = None, -1
     if cfg.tracking.enabled:
-        from service.tracking import mlflow_tracker
-
         handle = mlflow_tracker.open_run(cfg.tracking, name, config_dict, parent=parent)
+        last_logged = mlflow_tracker.last_logged_step(handle) if handle.resumed else -1
         print(f"[mlflow] {'resumed' if handle.resumed else 'started'} run {handle.run_id} ({name})", flush=True)
-    payload = {
-        "config": config_dict,
-        "run_name": name,
-        "spec": ckpt.spec_to_dict(spec),
-        "config_hash": ckpt.config_hash(redact(config_dict)),
-        "meta": {"mean": list(meta.mean), "std": list(meta.std), "num_classes": meta.num_classes},
-        "steps_per_epoch": steps_per_epoch,
-        "base_lr": base_lr(cfg),
-        "mlflow": vars(handle) if handle else None,
-    }
+    payload = ray_train.WorkerPayload(
+        run_name=name,
+        training=training_options(cfg, spec, meta.mean, meta.std, steps_per_epoch),
+        loop=LoopOptions(
+            epochs=cfg.train.epochs,
+            steps_per_epoch=steps_per_epoch,
+            log_every_steps=cfg.train.log_every_steps,
+            checkpoint_every_steps=cfg.train.checkpoint_every_steps,
+            max_steps=cfg.train.max_steps,
+            eval_every_epochs=cfg.train.eval_every_epochs,
+        ),
+        data=source,
+        per_replica_batch=per_replica,
+        decode_per_replica=decode.per_replica,
+        config=config_dict,
+        facts=facts,
+        allow_cross_node_towers=cfg.parallel.allow_cross_node_towers,
+        use_gpu=cfg.cluster.use_gpu,
+        resume_from=_as_ray_checkpoint(point),
+        mlflow=handle,
+        system_metrics=cfg.tracking.system_metrics,
+        last_logged_step=last_logged,
+        crash_in_checkpoint_at_step=int(os.environ.get(CRASH_ENV, "-1")),
+    )
+    resume_note = f", resuming from step {point.step}" if point else ""
     print(
         f"[train] {name}: {spec.name} {layout.describe()}, {meta.num_train} train / {meta.num_val} val images, "
-        f"{meta.num_classes} classes, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs",
+        f"{meta.num_classes} classes, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
+        f"{decode.total} decode tasks ({decode.reason}){resume_note}",
         flush=True,
     )
-    trainer = ray_train.build_trainer(cfg, payload, {"train": data.train, "val": data.val})
+    trainer = ray_train.build_trainer(payload, storage_path, filesystem, cfg.train.keep_checkpoints,
+                                      cfg.cluster.max_failures, cfg.cluster.cpus_per_worker)
     failed = True
     try:
         result = trainer.fit()
@@ -128,22 +163,50 @@ def train(cfg: Config, parent=None) -> dict:
         if handle and failed:
             mlflow_tracker.finish_run(handle, failed=True)
     summary = {"run_name": name, "wall_s": time.monotonic() - started, "layout": layout.describe()}
-    folder = ray_train.latest_checkpoint_dir(result)
-    if folder:
-        summary.update(ray_train.checkpoint_metrics(folder))
+    best = best_checkpoint(result)
+    if result.checkpoint is not None:
         summary["checkpoint"] = result.checkpoint.path
+        with result.checkpoint.as_directory() as folder:
+            summary.update(checkpoint_metrics(folder))
+    if best is not None:
+        summary["best_checkpoint"] = best.path
     if handle:
-        summary.update(_finish_tracking(cfg, handle, folder, spec, summary))
+        summary.update(_finish_tracking(cfg, handle, best, source.meta, summary))
     return summary
 
 
-def _finish_tracking(cfg: Config, handle, folder: Optional[str], spec, summary: dict) -> dict:
-    """Consolidated model, learning curves, final status."""
-    import torch
+def _as_ray_checkpoint(point):
+    if point is None:
+        return None
+    from ray.train import Checkpoint
 
-    from service.model import ReferenceAlexNet
-    from service.tracking import figures, mlflow_tracker
+    return Checkpoint(point.path, filesystem=point.filesystem)
+
+
+def best_checkpoint(result):
+    """The kept checkpoint with the lowest validation error (the last one if none was evaluated)."""
+    import math
+
+    from service.ray_train import SCORE
+
+    scored = [(metrics[SCORE], checkpoint) for checkpoint, metrics in (result.best_checkpoints or [])
+              if isinstance(metrics.get(SCORE), float) and not math.isnan(metrics[SCORE])]
+    if scored:
+        return min(scored, key=lambda pair: pair[0])[1]
+    return result.checkpoint
+
+
+def checkpoint_metrics(folder: str) -> dict:
+    """Epoch, step and the metrics recorded in a checkpoint."""
     from service.train import checkpoint as ckpt
+
+    progress = ckpt.read_progress(folder)
+    return {**progress.get("metrics", {}), "epoch": progress["epoch"], "step": progress["step"]}
+
+
+def _finish_tracking(cfg: Config, handle, best, meta, summary: dict) -> dict:
+    """Learning curves, the best checkpoint as the registered model, final status."""
+    from service.tracking import figures, mlflow_tracker
 
     out = {"mlflow_run_id": handle.run_id, "ui": handle.ui_hint()}
     history = mlflow_tracker.metric_history(
@@ -151,13 +214,12 @@ def _finish_tracking(cfg: Config, handle, folder: Optional[str], spec, summary: 
     )
     if any(history.values()):
         mlflow_tracker.log_png(handle, figures.learning_curves_png(history), "figures/learning_curves.png")
-    if folder:
-        _, state = ckpt.load_reference_state(folder)
-        model = ReferenceAlexNet(spec)
-        model.load_state_dict(state)
-        model.eval()
-        example = torch.zeros(1, 3, spec.image_size, spec.image_size).numpy()
-        version = mlflow_tracker.log_model(handle, model, example, cfg.tracking, summary)
+    if best is not None:
+        with best.as_directory() as folder:
+            best_metrics = checkpoint_metrics(folder)
+            version = mlflow_tracker.log_trained_model(handle, folder, meta, cfg.tracking, best_metrics)
+        out["best_epoch"] = best_metrics["epoch"]
+        out["best_val_top1_error"] = best_metrics.get("val_top1_error")
         if version:
             out["registered"] = f"{cfg.tracking.registered_model} v{version}"
     mlflow_tracker.finish_run(handle)
@@ -174,6 +236,8 @@ def print_summary(summary: dict) -> None:
         ("val top-1 error", _pct(summary.get("val_top1_error"))),
         ("val top-5 error", _pct(summary.get("val_top5_error"))),
         ("train top-1 error", _pct(summary.get("train_top1_error"))),
+        ("best epoch", summary.get("best_epoch")),
+        ("best val top-1", _pct(summary.get("best_val_top1_error"))),
         ("wall time", f"{summary.get('wall_s', 0):.0f} s"),
         ("checkpoint", summary.get("checkpoint")),
         ("mlflow run", summary.get("mlflow_run_id")),
@@ -206,19 +270,17 @@ def _sweep_parent(cfg: Config):
     return mlflow_tracker.open_parent_run(cfg.tracking, str(hydra_cfg.sweep.dir))
 
 
-def _hydra_main(raw: DictConfig) -> None:
-    try:
-        cfg = to_config(raw)
-    except ConfigError as error:
-        sys.exit(f"configuration error: {error}")
+def run_job(cfg: Config) -> int:
+    """The Hydra job: train, print the summary; user errors are one line, exit 2."""
     try:
         summary = train(cfg, parent=_sweep_parent(cfg))
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    except (ConfigError, ValueError, FileNotFoundError, PermissionError, ConnectionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print_summary(summary)
+    return 0
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    register_schema()
-    hydra.main(config_path=conf_dir(), config_name=CONFIG_NAME, version_base="1.3")(_hydra_main)()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hydra_app.run(hydra_app.CONFIG_NAME, Config, validate_config, run_job)

@@ -2,13 +2,13 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 
 from service.config import ConfigError, from_dict, to_dict
 from service.hydra_app import compose
-from service.launch import base_lr, check_before_start
+from service.launch import check_layout
+from service.train.build import base_lr
 from service.parallel.local import free_port
 
 
@@ -79,7 +79,7 @@ def test_batch_must_divide_over_replicas():
 def test_model_that_cannot_split_fails_before_start():
     cfg = compose(["parallel.towers=8", "model.num_classes=5"])
     with pytest.raises(ValueError, match="num_classes=5 is smaller than towers=8"):
-        check_before_start(cfg, num_classes=5)
+        check_layout(cfg, num_classes=5)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,6 @@ def test_cli_rejects_bad_config_without_contacting_ray(override, message, tmp_pa
     # The address points at a closed port: had the job tried to reach Ray it
     # would fail with a connection error after a long timeout, not this message.
     dead = f"127.0.0.1:{free_port()}"
-    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "service.train", override, "parallel.towers=4" if "num_classes" in override else "run.name=x",
          f"cluster.address={dead}", f"hydra.run.dir={tmp_path}"],
@@ -104,4 +103,4 @@ def test_cli_rejects_bad_config_without_contacting_ray(override, message, tmp_pa
     assert result.returncode != 0
     assert message in result.stderr
     assert "Connecting to existing Ray cluster" not in result.stdout + result.stderr
-    assert time.monotonic() - started < 60
+    assert "Traceback" not in result.stderr

@@ -94,8 +94,9 @@ def test_loop_trains_without_ray_and_checkpoints_round_trip(tmp_path):
     assert hooks.steps[-1][1] < hooks.steps[0][1]
     # The last checkpoint, written in the service's format, loads into the reference model.
     progress, state = hooks.checkpoints[-1]
-    ckpt.write_tower_shard(tmp_path, 0, state)
-    ckpt.write_progress(tmp_path, {"epoch": progress.epoch, "step": progress.step, "towers": 1, "spec": ckpt.spec_to_dict(spec)})
+    shard = ckpt.write_tower_shard(tmp_path, 0, state)
+    ckpt.write_progress(tmp_path, {"epoch": progress.epoch, "step": progress.step, "towers": 1,
+                                   "spec": ckpt.spec_to_dict(spec), "shards": [shard]})
     loaded_spec, reference_state = ckpt.load_reference_state(tmp_path)
     assert loaded_spec == spec
     reference = ReferenceAlexNet(spec)

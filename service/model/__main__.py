@@ -1,5 +1,8 @@
-"""`python -m service.model [hydra overrides]`: the per-layer table."""
+"""`python -m service.model [overrides]`: the per-layer table.
 
-from service.cli import model_table_main
+The command lives here for its name; the Hydra-aware code it runs lives
+outside the model package (`service.model_table`), which stays plain torch."""
 
-model_table_main()
+from service.model_table import main
+
+main()

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from service.config import Config, RecipeConfig
-from service.model import AlexNetSpec, AlexNetTower, ReferenceAlexNet
+from service.config import Config, ModelConfig, RecipeConfig
+from service.model import AlexNetSpec, AlexNetTower, ReferenceAlexNet, build_spec
 from service.parallel.exchange import TowerExchange
 from service.parallel.groups import RankGroups, create_groups, single_process_groups
 from service.parallel.layout import ParallelLayout
@@ -183,4 +183,18 @@ def build_training(options: TrainingOptions, groups: RankGroups, device: torch.d
         normalizer=Normalizer(options.mean, options.std, device, recipe.channels_last),
         groups=groups,
         seed=options.seed,
+    )
+
+
+def spec_for(model: ModelConfig, towers: int, num_classes: int) -> AlexNetSpec:
+    """The network for a model config; `num_classes` comes from the dataset
+    unless `model.num_classes` pins it."""
+    return build_spec(
+        model.name,
+        num_classes=model.num_classes or num_classes,
+        image_size=model.image_size,
+        towers=towers,
+        width_mult=model.width_mult,
+        dropout=model.dropout,
+        init=model.init,
     )

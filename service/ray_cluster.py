@@ -1,0 +1,123 @@
+"""Ray cluster start-up and sizing (driver side): joining or starting the
+cluster, deciding how many decode tasks it can feed, saying when it is too
+small, and keeping Ray's own console chatter down.
+
+Token authentication stays on (Ray 2.60's default): a local cluster started
+here generates its own token; a submitted job inherits its cluster's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import ray
+
+from service.config import Config
+
+# The one switch that brings Ray's internal logging back (documented in the README).
+VERBOSE_ENV = "ALEXNET_RAY_VERBOSE"
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+
+
+def ray_verbose() -> bool:
+    """Whether Ray's INFO logging (execution banners, report lines) is wanted."""
+    return os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
+
+
+def quiet_ray_logging() -> None:
+    """Ray's INFO chatter (per-dataset execution banners, "Reporting training
+    result", placement-group cleaner notes) down to warnings, unless
+    ALEXNET_RAY_VERBOSE=1. Called in the driver and in every worker."""
+    if ray_verbose():
+        return
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+    except ImportError:  # ray[data] not installed: nothing to quieten
+        pass
+
+
+def training_cpus(cfg: Config) -> float:
+    """CPUs the tower workers reserve together."""
+    return cfg.parallel.replicas * cfg.parallel.towers * cfg.cluster.cpus_per_worker
+
+
+def connect(cfg: Config) -> None:
+    """Join the configured cluster, the one a submitted job runs in, or start
+    a local one sized for the workers plus at least one decode task per replica."""
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+    level = "INFO" if ray_verbose() else "WARNING"
+    runtime = {"logging_config": ray.LoggingConfig(log_level=level), "log_to_driver": True}
+    if address:
+        # An existing cluster (or the one a submitted job runs in): inherit its
+        # runtime env; adding ours would conflict with the job's.
+        ray.init(address=address, **runtime)
+    else:
+        # Logical CPUs are oversubscribed on purpose on small machines: the
+        # workers and the decode tasks each reserve CPUs, and on a 2-core laptop
+        # they would otherwise wait for each other forever; the OS shares the cores.
+        need = training_cpus(cfg) + max(cfg.data.decode_concurrency, cfg.parallel.replicas)
+        num_cpus = int(max(4, os.cpu_count() or 1, math.ceil(need)))
+        env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=False, **runtime)
+    quiet_ray_logging()
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How many decode tasks the job runs, and why."""
+
+    total: int
+    per_replica: int
+    reason: str
+
+
+def plan_decode(cfg: Config, cluster_cpus: float) -> DecodePlan:
+    """Decode concurrency: data.decode_concurrency when set, else every CPU of
+    the cluster that training workers do not reserve (at least one per replica)."""
+    replicas = cfg.parallel.replicas
+    if cfg.data.decode_concurrency:
+        total, reason = cfg.data.decode_concurrency, "data.decode_concurrency"
+    else:
+        free = int(cluster_cpus - training_cpus(cfg))
+        total = max(replicas, free)
+        reason = (f"auto: {cluster_cpus:g} cluster CPUs - {training_cpus(cfg):g} reserved by "
+                  f"{replicas * cfg.parallel.towers} training workers")
+    return DecodePlan(total=total, per_replica=max(1, total // replicas), reason=reason)
+
+
+def cluster_cpus() -> float:
+    """Logical CPUs of the cluster as it is now (an autoscaler may add more)."""
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+def warn_if_short(cfg: Config, decode: DecodePlan) -> None:
+    """Say so when the cluster cannot hold the job right now (it would wait;
+    an autoscaling cluster may still grow, so this is not an error)."""
+    resources = ray.cluster_resources()
+    world = cfg.parallel.replicas * cfg.parallel.towers
+    need_cpus = training_cpus(cfg) + decode.total
+    problems = []
+    if resources.get("CPU", 0) < need_cpus:
+        problems.append(
+            f"{need_cpus:g} CPUs ({world} workers x cluster.cpus_per_worker={cfg.cluster.cpus_per_worker:g} "
+            f"+ {decode.total} decode tasks) but the cluster has {resources.get('CPU', 0):g}"
+        )
+    if cfg.cluster.use_gpu and resources.get("GPU", 0) < world:
+        problems.append(f"{world} GPUs (one per tower worker) but the cluster has {resources.get('GPU', 0):g}")
+    if problems:
+        print(
+            "[train] WARNING: the job needs " + "; and ".join(problems)
+            + ". It will wait for resources (lower cluster.cpus_per_worker or data.decode_concurrency, or add nodes).",
+            flush=True,
+        )
