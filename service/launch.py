@@ -51,14 +51,13 @@ def storage_location(cfg: Config):
     return storage.checkpoint_filesystem(cfg.storage.path, storage.S3Settings.from_data_config(cfg.data))
 
 
-def prepare_data(cfg: Config):
-    """The data source over `data.root`, generating the demo dataset when no root is given."""
-    from service.data.demo import generate_demo_dataset
-    from service.data.pipeline import open_source
-
+def resolved_data(cfg: Config):
+    """`cfg.data` with an absolute root (Ray Data tasks and workers run with
+    another cwd), generating the demo dataset first when no root is given."""
     data_cfg = cfg.data
     if not data_cfg.root:
-        # Absolute: Ray Data tasks and train workers run with another cwd.
+        from service.data.demo import generate_demo_dataset
+
         root = generate_demo_dataset(
             out_dir=str(Path(data_cfg.generated_dir).resolve()),
             classes=data_cfg.generated_classes,
@@ -68,10 +67,10 @@ def prepare_data(cfg: Config):
             image_side=data_cfg.resize_size,
         )
         print(f"[data] generated dataset ready at {root}", flush=True)
-        data_cfg = replace(data_cfg, root=str(root))
-    elif "://" not in data_cfg.root:
-        data_cfg = replace(data_cfg, root=str(Path(data_cfg.root).resolve()))
-    return data_cfg, open_source(data_cfg, cfg.model.image_size, cfg.parallel.replicas)
+        return replace(data_cfg, root=str(root))
+    if "://" not in data_cfg.root:
+        return replace(data_cfg, root=str(Path(data_cfg.root).resolve()))
+    return data_cfg
 
 
 def _classes_digest(wnids: list[str]) -> str:
@@ -85,23 +84,28 @@ def train(cfg: Config, parent=None) -> dict:
     from service import ray_cluster, ray_train
     from service.resume import check_resume, find_resume_point
 
+    from service.data import storage
+    from service.data.pipeline import open_source
+
     started = time.monotonic()
     name = run_name(cfg)
-    check_layout(cfg, cfg.model.num_classes or 1000)
     if cfg.tracking.enabled:
         from service.tracking import mlflow_tracker
 
         mlflow_tracker.check_tracking_reachable(mlflow_tracker.resolve_tracking_uri(cfg.tracking.uri))
-    if cfg.data.root:
-        from service.data import storage
-
+    source = None
+    if cfg.data.root:  # an ingested dataset: everything about it is known before Ray starts
         storage.check_data_root(cfg.data.root, storage.S3Settings.from_data_config(cfg.data))
+        data_cfg = resolved_data(cfg)
+        source = open_source(data_cfg, cfg.model.image_size, cfg.parallel.replicas)
+    layout, spec = check_layout(cfg, source.meta.num_classes if source else cfg.data.generated_classes)
     storage_path, filesystem = storage_location(cfg)
     point = find_resume_point(filesystem, f"{storage_path}/{name}")
     ray_cluster.connect(cfg)
-    data_cfg, source = prepare_data(cfg)
+    if source is None:  # the demo's dataset is generated (a Ray Data job) now
+        data_cfg = resolved_data(cfg)
+        source = open_source(data_cfg, cfg.model.image_size, cfg.parallel.replicas)
     meta = source.meta
-    layout, spec = check_layout(cfg, meta.num_classes)
     per_replica = cfg.train.batch_size // layout.replicas
     steps_per_epoch = (meta.num_train // layout.replicas) // per_replica
     if steps_per_epoch == 0:
@@ -270,13 +274,33 @@ def _sweep_parent(cfg: Config):
     return mlflow_tracker.open_parent_run(cfg.tracking, str(hydra_cfg.sweep.dir))
 
 
+def describe_failure(error: Exception) -> str:
+    """One line per distinct worker error of a failed Ray Train run (the
+    root cause, not Ray's wrapping traceback)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    by_message: dict[str, list[int]] = {}
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure
+        text = str(cause).strip().splitlines()
+        by_message.setdefault(f"{type(cause).__name__}: {text[-1] if text else ''}", []).append(rank)
+    if not by_message:
+        return str(error).strip().splitlines()[-1]
+    return "; ".join(f"rank(s) {', '.join(map(str, ranks))}: {message}" for message, ranks in by_message.items())
+
+
 def run_job(cfg: Config) -> int:
-    """The Hydra job: train, print the summary; user errors are one line, exit 2."""
+    """The Hydra job: train, print the summary; user errors are one line
+    (exit 2), a failed training says which workers failed and why (exit 1)."""
+    from ray.train import TrainingFailedError
+
     try:
         summary = train(cfg, parent=_sweep_parent(cfg))
     except (ConfigError, ValueError, FileNotFoundError, PermissionError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingFailedError as error:
+        print(f"error: training failed: {describe_failure(error)}", file=sys.stderr)
+        return 1
     print_summary(summary)
     return 0
 

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import ray
@@ -67,7 +68,7 @@ class WorkerPayload:
     # -- Metrics at steps <= this were already sent to MLflow; never resend.
     last_logged_step: int = -1
     # -- Test-only fault injection (ALEXNET_TEST_CRASH_IN_CHECKPOINT=<step>): the
-    #    last tower of replica 0 dies after writing its shard, before uploading it.
+    #    last tower of replica 0 dies halfway through uploading its shard.
     crash_in_checkpoint_at_step: int = -1
 
 
@@ -174,15 +175,15 @@ class RayHooks:
                 shards = [shard]
             if groups.rank == 0:
                 ckpt.write_progress(folder, self._progress_record(progress, metrics, [s for s in shards if s]))
-            if progress.step == self.payload.crash_in_checkpoint_at_step and groups.replica == 0 \
-                    and groups.tower == groups.layout.towers - 1:
-                os.kill(os.getpid(), signal.SIGKILL)  # test-only: die mid-checkpoint, shard not uploaded
+            crash = progress.step == self.payload.crash_in_checkpoint_at_step and groups.replica == 0 \
+                and groups.tower == groups.layout.towers - 1
             report = {"epoch": progress.epoch, "step": progress.step, SCORE: float("nan")}
             report.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
             ray.train.report(
                 report,
                 checkpoint=Checkpoint.from_directory(folder) if groups.replica == 0 else None,
                 checkpoint_dir_name=checkpoint_dir_name(progress.epoch, progress.step),
+                checkpoint_upload_fn=_upload_half_then_die if crash else None,
             )
         # ray.train.report returns once *this* worker's upload is done: wait for
         # everyone's, so the metrics below are never ahead of a complete checkpoint.
@@ -205,6 +206,21 @@ class RayHooks:
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
             "shards": shards,
         }
+
+
+def _upload_half_then_die(checkpoint: Checkpoint, checkpoint_dir_name: str) -> Checkpoint:
+    """Test-only fault (ALEXNET_TEST_CRASH_IN_CHECKPOINT): upload the first
+    half of each of this worker's checkpoint files, then SIGKILL this process:
+    a worker killed in the middle of writing a checkpoint."""
+    storage = ray.train.get_context().get_storage()  # a DeveloperAPI; fine for a test fault
+    destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+    storage.storage_filesystem.create_dir(destination)
+    for name in sorted(os.listdir(checkpoint.path)):
+        data = Path(checkpoint.path, name).read_bytes()
+        with storage.storage_filesystem.open_output_stream(f"{destination}/{name}") as stream:
+            stream.write(data[: len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
 
 
 def _restore(training: TowerTraining, payload: WorkerPayload) -> Progress:

@@ -51,3 +51,12 @@ def mlflow_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, ray_session):
+    """4 generated classes x 40 train / 8 val images at shorter side 72, ingested to shards."""
+    from service.data.demo import generate_demo_dataset
+
+    out = tmp_path_factory.mktemp("tiny-data")
+    return generate_demo_dataset(str(out), classes=4, images_per_class=40, val_per_class=8, seed=0, image_side=72)

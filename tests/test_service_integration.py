@@ -23,14 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 SECRET = "TOPSECRET-do-not-log-4f9a"
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory, ray_session):
-    from service.data.demo import generate_demo_dataset
-
-    out = tmp_path_factory.mktemp("tiny-data")
-    return generate_demo_dataset(str(out), classes=4, images_per_class=40, val_per_class=8, seed=0, image_side=72)
-
-
 def _overrides(tiny_dataset, mlflow_server, ray_head, storage: Path, experiment: str, name: str) -> list[str]:
     return [
         "experiment=smoke",
