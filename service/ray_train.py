@@ -223,24 +223,30 @@ def _upload_half_then_die(checkpoint: Checkpoint, checkpoint_dir_name: str) -> C
     raise AssertionError("unreachable")
 
 
+def _read(checkpoint: Checkpoint, name: str) -> bytes:
+    """One file of a checkpoint, straight from its storage (no full download)."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as stream:
+        return stream.read()
+
+
 def _restore(training: TowerTraining, payload: WorkerPayload) -> Progress:
     """Load the newer of Ray Train's latest checkpoint (a restart within this
-    run) and the driver's resume point (a re-run of the command)."""
-    candidates = [c for c in (ray.train.get_checkpoint(), payload.resume_from) if c is not None]
-    best, best_step = None, -1
-    for candidate in candidates:
-        with candidate.as_directory() as folder:
-            step = ckpt.read_progress(folder)["step"]
-        if step > best_step:
-            best, best_step = candidate, step
+    run) and the driver's resume point (a re-run of the command). Each worker
+    reads progress.json and its own tower's shard only."""
+    best, progress = None, None
+    for candidate in (ray.train.get_checkpoint(), payload.resume_from):
+        if candidate is None:
+            continue
+        record = ckpt.parse_progress(_read(candidate, ckpt.PROGRESS_FILE).decode("utf-8"), candidate.path)
+        if progress is None or record["step"] > progress["step"]:
+            best, progress = candidate, record
     if best is None:
         return Progress()
     groups = training.groups
-    with best.as_directory() as folder:
-        progress = ckpt.read_progress(folder)
-        if progress["towers"] != groups.layout.towers:  # the driver checks this first; never load a wrong shard
-            raise ValueError(f"checkpoint has towers={progress['towers']}, this run towers={groups.layout.towers}")
-        training.load_state_dict(ckpt.read_tower_shard(folder, groups.tower, progress=progress))
+    if progress["towers"] != groups.layout.towers:  # the driver checks this first; never load a wrong shard
+        raise ValueError(f"checkpoint has towers={progress['towers']}, this run towers={groups.layout.towers}")
+    data = _read(best, ckpt.shard_file(groups.tower))
+    training.load_state_dict(ckpt.load_shard(data, groups.tower, progress, best.path))
     if groups.rank == 0:
         say(f"[train] resumed from epoch {progress['epoch']} step {progress['step']} ({best.path})")
     return Progress(epoch=progress["epoch"], step=progress["step"],

@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 
@@ -95,17 +95,21 @@ def missing_parts(progress: dict, sizes: Mapping[str, int]) -> list[str]:
     return problems
 
 
-def read_tower_shard(directory: Path, tower: int, map_location="cpu", progress: Optional[dict] = None) -> dict:
-    """Tower `tower`'s state, verified against progress.json's digest when given."""
+def load_shard(data: bytes, tower: int, progress: dict, where: str, map_location="cpu") -> dict:
+    """Tower `tower`'s state from the shard's bytes, verified against the
+    digest progress.json recorded; tensors and plain values only."""
+    expected = next((s for s in progress.get("shards", []) if s["file"] == shard_file(tower)), None)
+    if expected is None or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise IncompleteCheckpoint(f"{where}/{shard_file(tower)} does not match the digest recorded in {PROGRESS_FILE}")
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def read_tower_shard(directory: Path, tower: int, progress: dict, map_location="cpu") -> dict:
+    """Tower `tower`'s state from a local checkpoint folder."""
     path = Path(directory) / shard_file(tower)
     if not path.is_file():
         raise IncompleteCheckpoint(f"{path} is missing: the checkpoint is incomplete")
-    data = path.read_bytes()
-    if progress is not None:
-        expected = next((s for s in progress.get("shards", []) if s["file"] == shard_file(tower)), None)
-        if expected is None or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise IncompleteCheckpoint(f"{path} does not match the digest recorded in {PROGRESS_FILE}")
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    return load_shard(path.read_bytes(), tower, progress, str(directory), map_location)
 
 
 def load_reference_state(directory: Path) -> tuple[AlexNetSpec, dict[str, torch.Tensor]]:
