@@ -15,8 +15,6 @@ import pytest
 
 from deploy_support import (
     CHART,
-    NAMESPACE,
-    RELEASE,
     chart_values,
     containers,
     deep_merge,
@@ -223,18 +221,15 @@ SIZING_FAILURES = [
 
 
 @pytest.mark.parametrize(("override", "fragments"), SIZING_FAILURES)
-def test_pods_that_cannot_hold_the_layout_fail_at_render(chart, helm, minimal_values, override, fragments):
-    values = deep_merge(minimal_values, override)
-    with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as raised:
-        chart.render(values, name=RELEASE, namespace=NAMESPACE)
-    message = str(raised.value)
+def test_pods_that_cannot_hold_the_layout_fail_at_render(render_failure, override, fragments):
+    message = render_failure(override)
     missing = [fragment for fragment in fragments if fragment not in message]
     assert not missing, f"{missing} not in: {message}"
 
 
-def test_the_size_a_failure_names_renders(chart, minimal_values):
-    """'At least N' is a real bound: N renders, one CPU less does not."""
-    ok = deep_merge(minimal_values, {"ray": {"worker": {"cpu": "48"}}})
-    chart.render(ok, name=RELEASE, namespace=NAMESPACE)
-    with pytest.raises(Exception, match="at least 48"):
-        chart.render(deep_merge(ok, {"ray": {"worker": {"cpu": "47"}}}), name=RELEASE, namespace=NAMESPACE)
+def test_the_size_a_failure_names_renders(render, render_failure, minimal_values):
+    """'At least N' is a real bound: N renders, one CPU or one GiB less does not."""
+    assert "at least 48 " in render_failure({"ray": {"worker": {"cpu": "47"}}})
+    assert render(deep_merge(minimal_values, {"ray": {"worker": {"cpu": "48"}}})).one("RayJob")
+    assert "at least 280.0Gi" in render_failure({"ray": {"worker": {"memory": "279Gi"}}})
+    assert render(deep_merge(minimal_values, {"ray": {"worker": {"memory": "280Gi"}}})).one("RayJob")

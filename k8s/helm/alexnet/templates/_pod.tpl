@@ -48,8 +48,9 @@ limits:
       key: {{ .key }}
 {{- end }}
 
-{{/* S3 client environment (keys from the Secret, endpoint/region as plain values). AWS_ENDPOINT_URL is read by
-     boto3/botocore and the AWS SDK that pyarrow uses, so every S3 client of a pod follows it. */}}
+{{/* S3 client environment (keys from the Secret, endpoint/region as plain values). boto3 reads AWS_ENDPOINT_URL;
+     pyarrow's S3FileSystem does not (apache/arrow#49643), so the training entrypoint and the ingest
+     command also carry the endpoint explicitly (data.s3_endpoint / s3_endpoint). */}}
 {{- define "alexnet.s3Env" -}}
 {{ include "alexnet.envFromSecret" (dict "name" "AWS_ACCESS_KEY_ID" "secret" .Values.secrets.s3.existingSecret "key" .Values.secrets.s3.accessKeyIdKey) }}
 {{ include "alexnet.envFromSecret" (dict "name" "AWS_SECRET_ACCESS_KEY" "secret" .Values.secrets.s3.existingSecret "key" .Values.secrets.s3.secretAccessKeyKey) }}
