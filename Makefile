@@ -87,9 +87,10 @@ model-table: $(STAMP)
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5000
 
+# The venv's bin/ on PATH: the scoring server is started as `uvicorn` from a shell.
 serve: $(STAMP)
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(VENV)/bin/mlflow models serve \
-	  -m models:/alexnet@best --env-manager local --host 127.0.0.1 --port 5001
+	PATH="$(abspath $(VENV))/bin:$$PATH" MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) \
+	  $(VENV)/bin/mlflow models serve -m models:/alexnet@best --env-manager local --host 127.0.0.1 --port 5001
 
 # constraints.txt: every dependency of pyproject.toml (all extras) pinned for CPython 3.11 on Linux,
 # except torch and torchvision (pinned above, per build). Installs use it as a pip constraints file.
