@@ -23,6 +23,7 @@ from deploy_support import (  # noqa: E402
     RELEASE,
     Rendered,
     crd_validators_from,
+    deep_merge,
     load_values,
     values_cases,
 )
@@ -75,6 +76,19 @@ def render(chart) -> Callable[..., Rendered]:
 def minimal_values() -> dict[str, Any]:
     """The fewest values the chart renders with (secret names and S3 locations)."""
     return load_values(MINIMAL_VALUES)
+
+
+@pytest.fixture(scope="session")
+def render_failure(chart, helm, minimal_values) -> Callable[[dict[str, Any]], str]:
+    """render_failure(override) -> the error message of rendering minimal values + override,
+    which must fail (schema or template), as `helm install` would."""
+
+    def _fail(override: dict[str, Any]) -> str:
+        with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as raised:
+            chart.render(deep_merge(minimal_values, override), name=RELEASE, namespace=NAMESPACE)
+        return str(raised.value)
+
+    return _fail
 
 
 @pytest.fixture(params=values_cases())

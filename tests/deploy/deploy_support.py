@@ -7,6 +7,7 @@ The KubeRay CRDs come from `<repo>/../shared/schemas/kuberay/` (a fresh clone ha
 from __future__ import annotations
 
 import copy
+import shlex
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -23,6 +24,21 @@ RELEASE = "demo"
 NAMESPACE = "ml"
 # Kubernetes versions the manifests are validated against: the chart's kubeVersion floor and the newest.
 KUBE_VERSIONS = ("1.29.0", "1.37.0")
+
+
+# Kubernetes quantity suffixes the chart accepts (a test-side reading, independent of the chart's own
+# arithmetic in _sizing.tpl; the `kubernetes` client's parse_quantity would pull a whole API client in).
+QUANTITY_FACTORS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value: Any) -> float:
+    """A Kubernetes quantity ("96Gi", "500m", "16", 2.5) as a number (bytes or CPUs)."""
+    text = str(value)
+    if text.endswith("m"):
+        return float(text[:-1]) / 1000
+    number = text.rstrip("kMGTi")
+    return float(number) * QUANTITY_FACTORS[text[len(number):]]
 
 
 def load_values(path: Path) -> dict[str, Any]:
@@ -63,6 +79,29 @@ class Rendered:
         found = self.of_kind(kind)
         assert len(found) == 1, f"expected one {kind}, got {len(found)}"
         return found[0]
+
+
+def chart_values(case: "Rendered") -> dict[str, Any]:
+    """Chart defaults merged with the case's values (what the templates saw)."""
+    return deep_merge(load_values(CHART / "values.yaml"), case.values)
+
+
+def ray_cluster_spec(case: "Rendered") -> dict[str, Any]:
+    """The RayCluster spec of a render, in either mode."""
+    if chart_values(case)["mode"] == "rayjob":
+        return case.one("RayJob")["spec"]["rayClusterSpec"]
+    return case.one("RayCluster")["spec"]
+
+
+def entrypoint_overrides(case: "Rendered") -> dict[str, str]:
+    """The `key=value` Hydra overrides of the training entrypoint (RayJob, or NOTES in RayCluster mode)."""
+    if chart_values(case)["mode"] == "rayjob":
+        entrypoint = case.one("RayJob")["spec"]["entrypoint"]
+    else:
+        entrypoint = case.notes.split(" -- ", 1)[1].splitlines()[0]
+    argv = shlex.split(entrypoint)
+    assert argv[:3] == ["python", "-m", "service.train"], argv[:3]
+    return dict(arg.split("=", 1) for arg in argv[3:])
 
 
 def pod_specs(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:

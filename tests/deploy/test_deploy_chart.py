@@ -6,7 +6,6 @@ external exposure, clear errors for bad values)."""
 from __future__ import annotations
 
 import re
-import shlex
 from typing import Any
 
 import pytest
@@ -19,31 +18,21 @@ from deploy_support import (
     MINIMAL_VALUES,
     NAMESPACE,
     RELEASE,
+    chart_values,
     containers,
     deep_merge,
+    entrypoint_overrides,
     load_values,
     pod_specs,
+    ray_cluster_spec,
 )
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-REQUIRED_CI_CASES = {"1x2-rayjob-values", "4x2-two-nodes-values", "raycluster-values",
-                     "bundled-postgres-minio-values"}
+REQUIRED_CI_CASES = {"1x2-rayjob-values", "1x8-one-node-values", "4x2-one-node-values",
+                     "2x8-two-nodes-rdma-values", "raycluster-values", "bundled-postgres-minio-values"}
 SECRET_ENV = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL|DSN|BACKEND_STORE_URI")
 URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:[^@\s/'\"]+@")
-
-
-def _values(case) -> dict[str, Any]:
-    """Chart defaults merged with the case's values (what the templates saw)."""
-    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
-    return deep_merge(defaults, case.values)
-
-
-def _ray_cluster_spec(case) -> dict[str, Any]:
-    values = _values(case)
-    if values["mode"] == "rayjob":
-        return case.one("RayJob")["spec"]["rayClusterSpec"]
-    return case.one("RayCluster")["spec"]
 
 
 def test_required_ci_values_files_exist():
@@ -130,10 +119,10 @@ def test_crd_conversion_is_strict(crd_validators):
 # ---------- what the chart promises ----------
 
 def test_total_gpus_equal_replicas_times_towers(case):
-    values = _values(case)
+    values = chart_values(case)
     towers, replicas = values["training"]["towers"], values["training"]["replicas"]
     gpu_name = values["ray"]["worker"]["gpuResourceName"]
-    spec = _ray_cluster_spec(case)
+    spec = ray_cluster_spec(case)
     head_limits = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu_name not in head_limits, "the head must not claim GPUs"
     total = 0
@@ -160,19 +149,11 @@ def pod_specs_of(case):
 
 
 def test_entrypoint_carries_the_overrides(case):
-    values = _values(case)
+    values = chart_values(case)
     training = values["training"]
-    if values["mode"] == "rayjob":
-        entrypoint = case.one("RayJob")["spec"]["entrypoint"]
-        assert not case.of_kind("RayCluster")
-    else:
-        assert not case.of_kind("RayJob")
-        # RayCluster users submit the same entrypoint themselves; NOTES.txt prints it.
-        entrypoint = case.notes.split("ray job submit --address http://127.0.0.1:8265 -- ", 1)[1]
-        entrypoint = entrypoint.splitlines()[0]
-    argv = shlex.split(entrypoint)
-    assert argv[:3] == ["python", "-m", "service.train"]
-    overrides = dict(arg.split("=", 1) for arg in argv[3:])
+    assert not case.of_kind("RayCluster" if values["mode"] == "rayjob" else "RayJob")
+    # RayCluster users submit the same entrypoint themselves; NOTES.txt prints it.
+    overrides = entrypoint_overrides(case)
     assert overrides["parallel.towers"] == str(training["towers"])
     assert overrides["parallel.replicas"] == str(training["replicas"])
     assert overrides["data.root"] == training["dataRoot"]
@@ -181,7 +162,8 @@ def test_entrypoint_carries_the_overrides(case):
     assert overrides["run.name"] == (training["runName"] or RELEASE)
     assert overrides["train.batch_size"] == str(training["batchSize"])
     for extra in training["extraOverrides"]:
-        assert extra in argv
+        key, value = extra.split("=", 1)
+        assert overrides[key] == value
     if values["mlflow"]["enabled"]:
         service = next(s for s in case.of_kind("Service")
                        if s["metadata"]["labels"]["app.kubernetes.io/component"] == "mlflow")
@@ -198,23 +180,27 @@ def test_entrypoint_carries_the_overrides(case):
 def test_entrypoint_composes_with_the_service_config(case):
     """The overrides the chart builds are accepted by the real Hydra config of service/."""
     hydra_app = pytest.importorskip("service.hydra_app", reason="service/ is not importable")
-    values = _values(case)
-    if values["mode"] == "rayjob":
-        entrypoint = case.one("RayJob")["spec"]["entrypoint"]
-    else:
-        entrypoint = case.notes.split(" -- ", 1)[1].splitlines()[0]
-    config = hydra_app.compose(shlex.split(entrypoint)[3:])
+    values = chart_values(case)
+    config = hydra_app.compose([f"{key}={value}" for key, value in entrypoint_overrides(case).items()])
     training = values["training"]
     assert (config.parallel.towers, config.parallel.replicas) == (training["towers"], training["replicas"])
+    assert config.parallel.allow_cross_node_towers is training["allowCrossNodeTowers"]
+    assert config.parallel.grad_compression == training["gradCompression"]
+    assert config.train.compile is training["compile"]
     assert config.data.root == training["dataRoot"]
+    assert config.data.decode_concurrency == training["decodeConcurrency"]
+    assert config.data.s3_max_attempts == values["s3"]["maxAttempts"]
+    assert config.cluster.cpus_per_worker == training["cpusPerWorker"]
     assert config.storage.path == training["storagePath"]
     assert config.run.name == (training["runName"] or RELEASE)
+    assert config.run.resume == training["resume"]
     assert config.cluster.name == training["cluster"]
+    assert config.cluster.use_gpu is (training["cluster"] == "gpu")
     assert config.model.name == training["model"]
 
 
 def test_rayjob_lifecycle(case):
-    values = _values(case)
+    values = chart_values(case)
     if values["mode"] != "rayjob":
         pytest.skip("RayCluster mode")
     spec = case.one("RayJob")["spec"]
@@ -226,9 +212,9 @@ def test_rayjob_lifecycle(case):
 
 
 def test_ray_token_auth_everywhere(case):
-    values = _values(case)
+    values = chart_values(case)
     secret = values["secrets"]["rayAuth"]["existingSecret"]
-    spec = _ray_cluster_spec(case)
+    spec = ray_cluster_spec(case)
     assert spec["authOptions"] == {"mode": "token", "secretName": secret}
     ray_pods = [(w, p) for w, p in pod_specs_of(case) if w.startswith(("RayJob", "RayCluster"))]
     assert ray_pods
@@ -270,7 +256,10 @@ def test_pod_security(case):
         for container in containers(pod):
             ctx = container["securityContext"]
             assert ctx["allowPrivilegeEscalation"] is False, where
-            assert ctx["capabilities"]["drop"] == ["ALL"] and not ctx["capabilities"].get("add")
+            assert ctx["capabilities"]["drop"] == ["ALL"], where
+            worker = chart_values(case)["ray"]["worker"]
+            wants_ipc_lock = where.endswith(f"worker {worker['groupName']}") and worker["ipcLock"]
+            assert ctx["capabilities"].get("add", []) == (["IPC_LOCK"] if wants_ipc_lock else []), where
             assert ctx["runAsNonRoot"] is True and not ctx.get("privileged"), where
             assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
             assert not any("hostPort" in port for port in container.get("ports", [])), where
@@ -315,13 +304,13 @@ def test_no_external_exposure(case):
     assert not case.of_kind("Ingress") and not case.of_kind("Route")
     for service in case.of_kind("Service"):
         assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
-    spec = _ray_cluster_spec(case)
+    spec = ray_cluster_spec(case)
     assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
     assert not spec["headGroupSpec"].get("enableIngress")
 
 
 def test_mlflow_server(case):
-    values = _values(case)
+    values = chart_values(case)
     if not values["mlflow"]["enabled"]:
         assert not case.of_kind("Deployment")
         return
@@ -344,7 +333,7 @@ def test_mlflow_server(case):
 
 
 def test_optional_components_follow_their_switches(case):
-    values = _values(case)
+    values = chart_values(case)
     names = {(obj["kind"], obj["metadata"]["name"]) for obj in case.objects}
     full = f"{RELEASE}-alexnet"
     assert (("StatefulSet", f"{full}-postgres") in names) == values["postgresql"]["enabled"]
@@ -394,11 +383,8 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize(("override", "message"), BAD_VALUES)
-def test_bad_values_fail_at_render(chart, helm, minimal_values, override, message):
-    values = deep_merge(minimal_values, override)
-    with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as raised:
-        chart.render(values, name=RELEASE, namespace=NAMESPACE)
-    assert message in str(raised.value)
+def test_bad_values_fail_at_render(render_failure, override, message):
+    assert message in render_failure(override)
 
 
 def test_chart_defaults_alone_refuse_to_render(chart, helm):

@@ -76,3 +76,48 @@ def test_resource_names_in_the_doc(chart, name):
              for doc in yaml.safe_load_all(body) if isinstance(doc, dict) and "metadata" in doc}
     assert name in names and "alexnet" in names
     assert name in DOC
+
+
+# ---------- docs/docker.md and the repository paths both docs name ----------
+
+DOCS = {name: (REPO / "docs" / name).read_text() for name in ("kubernetes.md", "docker.md")}
+TORCH_2_13_INDEXES = {"cpu", "cu126", "cu130"}
+REPO_ROOTS = ("k8s/", "docker/", "docs/", "tests/", "service/", "conf/", "bench/", ".ci/")
+
+
+@pytest.mark.parametrize("path", ["docs/docker.md", "docs/kubernetes.md", "Makefile",
+                                  "docker/Dockerfile", "docker/Dockerfile.cpu"])
+def test_torch_index_urls_name_builds_that_exist(path):
+    """Every PyTorch index named is one torch 2.13 publishes (cu128 does not exist)."""
+    text = (REPO / path).read_text()
+    named = set(re.findall(r"download\.pytorch\.org/whl/([a-z0-9]+)", text))
+    assert named <= TORCH_2_13_INDEXES, f"{path} names {sorted(named - TORCH_2_13_INDEXES)}"
+
+
+def test_docker_doc_states_the_image_defaults():
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    cuda = re.search(r"^ARG CUDA=(cu\d+)$", dockerfile, re.M).group(1)
+    torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M).group(1)
+    doc = DOCS["docker.md"]
+    assert f"`rayproject/ray:2.60.0-py311-{cuda}`" in doc
+    assert f"https://download.pytorch.org/whl/{cuda}" in doc
+    assert f"default `{torch}`" in doc and f"Default `{cuda}`" in doc
+    cpu = (REPO / "docker" / "Dockerfile.cpu").read_text()
+    assert re.search(r"^FROM rayproject/ray:2\.60\.0-py311-cpu$", cpu, re.M)
+    assert "`rayproject/ray:2.60.0-py311-cpu`" in doc
+
+
+@pytest.mark.parametrize("name", sorted(DOCS))
+def test_docs_name_only_files_of_the_repository(name):
+    """Repository paths in backticks exist; the only place outside is ../shared/schemas/kuberay/."""
+    doc = DOCS[name]
+    outside = set(re.findall(r"(?<![.\w])\.\./[\w./-]+", doc))
+    assert outside <= {"../shared/schemas/kuberay/"}, f"{name} points outside the repository: {outside}"
+    assert "../shared/schemas/kuberay/` (a folder\nbeside this repository, not part of it" in DOCS[
+        "kubernetes.md"]
+    generated = (REPO / ".gitignore").read_text()  # run outputs (bench/results) are named, not kept
+    missing = []
+    for path in re.findall(r"`([.\w/-]+)`", doc):
+        if path.startswith(REPO_ROOTS) and not (REPO / path.rstrip("/")).exists() and path not in generated:
+            missing.append(path)
+    assert not missing, f"{name} names files that do not exist: {missing}"
