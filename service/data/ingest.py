@@ -32,30 +32,35 @@ import json
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import numpy as np
 
+from service.config import ConfigError
 from service.data import formats, readers, storage
+from service.data.checks import check_ingest_dest, check_ingest_source
 from service.data.meta import META_FILE, REPORT_FILE, SHARDS_DIR, DatasetMeta, save_meta
+from service.data.options import LAYOUTS, S3Keys
 
 STAGING_DIR = "_staging"
 
 
 @dataclass
-class IngestConfig:
-    """What to ingest and how."""
+class IngestConfig(S3Keys):
+    """What to ingest and how (the schema of `python -m service.ingest`, conf/ingest.yaml);
+    the s3_* keys come from `S3Keys`."""
 
-    # -- Raw dataset root: local path, file:// or s3://.
-    source: str
-    # -- Dataset root to write (shards/, meta.json, ingest_report.json).
-    dest: str
-    # -- "auto" or one of readers.LAYOUTS.
+    # -- Raw dataset root: local path, file:// or s3:// (required).
+    source: str = ""
+    # -- Dataset root to write (shards/, meta.json, ingest_report.json); new,
+    #    empty, or holding an earlier ingest (required).
+    dest: str = ""
+    # -- "auto" or one of service.data.options.LAYOUTS.
     layout: str = "auto"
     # -- Shorter side of stored images (paper: 256).
     resize_size: int = 256
-    # -- JPEG quality of the re-encoded images.
+    # -- JPEG quality of the re-encoded images (1-100).
     quality: int = 90
     # -- Images per Parquet shard (~25 MB at 256 px with the default).
     shard_size: int = 1000
@@ -65,7 +70,24 @@ class IngestConfig:
     force: bool = False
     # -- CPUs per ingest task.
     num_cpus_per_task: float = 1.0
-    s3: storage.S3Settings = field(default_factory=storage.S3Settings)
+
+    @property
+    def s3(self) -> storage.S3Settings:
+        """The S3 settings of source and dest."""
+        return storage.S3Settings.from_fields(self)
+
+    def validate(self) -> None:
+        """`ConfigError` (a ValueError) naming the first bad key and what is accepted."""
+        if not self.source or not self.dest:
+            raise ConfigError("source= and dest= are required: python -m service.ingest source=<raw> dest=<root>")
+        if self.layout not in ("auto",) + LAYOUTS:
+            raise ConfigError(f"layout={self.layout!r} is not allowed; choose one of {['auto', *LAYOUTS]}")
+        for key, value, low, high in (("resize_size", self.resize_size, 8, None), ("shard_size", self.shard_size, 1, None),
+                                      ("quality", self.quality, 1, 100), ("s3_max_attempts", self.s3_max_attempts, 1, None)):
+            if value < low or (high is not None and value > high):
+                raise ConfigError(f"{key}={value} must be >= {low}" + (f" and <= {high}" if high else ""))
+        if self.num_cpus_per_task <= 0:
+            raise ConfigError(f"num_cpus_per_task={self.num_cpus_per_task} must be > 0")
 
 
 def _fingerprint(cfg: IngestConfig, listing: readers.Listing) -> str:
@@ -102,7 +124,8 @@ def _index_tars(listing: readers.Listing, s3: storage.S3Settings, num_cpus: floa
     listing.tar_ranges = []
 
 
-def _process_unit(unit: dict, labels: dict[str, int], cfg: IngestConfig, staging: str) -> list[dict]:
+def _process_unit(unit: dict, labels: dict[str, int], cfg: IngestConfig, s3: storage.S3Settings,
+                  staging: str) -> list[dict]:
     """Fetch, fix and write one shard; per-image outcome rows (runs in a Ray task)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -116,13 +139,11 @@ def _process_unit(unit: dict, labels: dict[str, int], cfg: IngestConfig, staging
                        "pixel_sum": [0.0] * 3, "pixel_outer": [0.0] * 9, "pixel_count": 0}
             try:
                 if item["path"] not in handles:
-                    fs, path = storage.arrow_filesystem(item["path"], cfg.s3)
+                    fs, path = storage.arrow_filesystem(item["path"], s3)
                     handles[item["path"]] = fs.open_input_file(path)
                 handle = handles[item["path"]]
-                if item["offset"] < 0:
-                    data = handle.read_at(handle.size(), 0)
-                else:
-                    data = handle.read_at(item["size"], item["offset"])
+                offset, size = (0, handle.size()) if item["offset"] < 0 else (item["offset"], item["size"])
+                data = storage.with_retries(lambda: handle.read_at(size, offset), s3.max_attempts)
             except Exception as err:  # noqa: BLE001 - a failed read is a quarantine reason, not a crash
                 outcome.update(status="quarantined", reason=formats.READ_ERROR, detail=f"{type(err).__name__}: {err}"[:200])
                 rows.append(outcome)
@@ -146,7 +167,7 @@ def _process_unit(unit: dict, labels: dict[str, int], cfg: IngestConfig, staging
             handle.close()
     if shard_rows["key"]:
         table = pa.Table.from_pydict(shard_rows, schema=formats.SHARD_SCHEMA)
-        fs, path = storage.arrow_filesystem(storage.join(staging, unit["shard"]), cfg.s3)
+        fs, path = storage.arrow_filesystem(storage.join(staging, unit["shard"]), s3)
         storage.make_parent_dirs(fs, path)
         pq.write_table(table, path, filesystem=fs, compression="none", row_group_size=max(len(table), 1))
     else:
@@ -222,10 +243,11 @@ def _build_report(cfg, listing, outcomes, started, run_id, fingerprint) -> dict:
 
 def existing_complete_report(cfg: IngestConfig, fingerprint: Optional[str] = None) -> Optional[dict]:
     """The report at dest when it says complete (and matches `fingerprint` if given)."""
+    s3 = cfg.s3.resolved()
     report_uri, meta_uri = storage.join(cfg.dest, REPORT_FILE), storage.join(cfg.dest, META_FILE)
-    if not (storage.exists(report_uri, cfg.s3) and storage.exists(meta_uri, cfg.s3)):
+    if not (storage.exists(report_uri, s3) and storage.exists(meta_uri, s3)):
         return None
-    report = storage.read_json(report_uri, cfg.s3)
+    report = storage.read_json(report_uri, s3)
     if report.get("status") != "complete":
         return None
     if fingerprint is not None and report.get("fingerprint") != fingerprint:
@@ -234,15 +256,20 @@ def existing_complete_report(cfg: IngestConfig, fingerprint: Optional[str] = Non
 
 
 def run_ingest(cfg: IngestConfig, log=print) -> dict:
-    """Ingest `cfg.source` into `cfg.dest`; returns the report (skips if already complete)."""
-    import ray
-    import ray.data
+    """Ingest `cfg.source` into `cfg.dest`; returns the report (skips if already complete).
 
-    if cfg.resize_size < 8 or cfg.shard_size < 1 or not 1 <= cfg.quality <= 100:
-        raise ValueError(f"bad settings: resize_size={cfg.resize_size} (>= 8), shard_size={cfg.shard_size} (>= 1), "
-                         f"quality={cfg.quality} (1-100)")
+    Bad settings, paths, buckets, endpoints or credentials raise ValueError
+    (`DataInputError` for the paths) before Ray starts.
+    """
+    cfg.validate()
+    # Resolved here, so Ray tasks need no AWS environment of their own.
+    s3 = cfg.s3.resolved()
+    check_ingest_source(cfg.source, s3)
+    check_ingest_dest(cfg.dest, cfg.source, s3)
+    import ray  # after the checks: a bad path fails in a second, not after Ray's import
+    import ray.data
     started = time.time()
-    listing = readers.list_layout(cfg.source, cfg.layout, cfg.s3)
+    listing = readers.list_layout(cfg.source, cfg.layout, s3)
     log(f"ingest: {cfg.source} is layout {listing.layout!r}, {len(listing.wnids)} classes, "
         f"{len(listing.items)} files and {len(listing.tar_ranges)} archives listed")
     fingerprint = _fingerprint(cfg, listing)
@@ -253,20 +280,20 @@ def run_ingest(cfg: IngestConfig, log=print) -> dict:
             return report
     if not ray.is_initialized():
         ray.init()
-    _index_tars(listing, cfg.s3, cfg.num_cpus_per_task)
+    _index_tars(listing, s3, cfg.num_cpus_per_task)
     labels = {w: i for i, w in enumerate(listing.wnids)}
     units = _make_units(listing.items, cfg)
     log(f"ingest: {len(listing.items)} inputs, {sum(len(u['items']) for u in units)} to decode in {len(units)} shards")
 
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    storage.delete_prefix(storage.join(cfg.dest, STAGING_DIR), cfg.s3)
+    storage.delete_prefix(storage.join(cfg.dest, STAGING_DIR), s3)
     staging = storage.join(cfg.dest, STAGING_DIR, run_id)
     ingest_cfg = cfg
 
     def process(batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = []
         for text in batch["unit"]:
-            rows.extend(_process_unit(json.loads(text), labels, ingest_cfg, staging))
+            rows.extend(_process_unit(json.loads(text), labels, ingest_cfg, s3, staging))
         return {"outcome": [json.dumps(r) for r in rows]}
 
     outcomes: list[dict] = []
@@ -288,12 +315,12 @@ def run_ingest(cfg: IngestConfig, log=print) -> dict:
     # Swap: old meta/report first (so a crash mid-swap never leaves a meta.json
     # pointing at missing shards), then the shards, then report and meta.
     for name in (META_FILE, REPORT_FILE):
-        storage.delete_file(storage.join(cfg.dest, name), cfg.s3)
-    storage.delete_prefix(storage.join(cfg.dest, SHARDS_DIR), cfg.s3)
+        storage.delete_file(storage.join(cfg.dest, name), s3)
+    storage.delete_prefix(storage.join(cfg.dest, SHARDS_DIR), s3)
     if any(shard_rows[s] for s in shard_rows):
-        storage.move_prefix(staging, storage.join(cfg.dest, SHARDS_DIR), cfg.s3)
-    storage.delete_prefix(storage.join(cfg.dest, STAGING_DIR), cfg.s3)
-    storage.write_json(storage.join(cfg.dest, REPORT_FILE), report, cfg.s3)
+        storage.move_prefix(staging, storage.join(cfg.dest, SHARDS_DIR), s3)
+    storage.delete_prefix(storage.join(cfg.dest, STAGING_DIR), s3)
+    storage.write_json(storage.join(cfg.dest, REPORT_FILE), report, s3)
 
     summary = stats.summary()
     shards = {s: sorted(shard_rows[s]) for s in shard_rows}
@@ -315,7 +342,7 @@ def run_ingest(cfg: IngestConfig, log=print) -> dict:
         ingest_report=REPORT_FILE,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    save_meta(cfg.dest, meta, cfg.s3)
+    save_meta(cfg.dest, meta, s3)
     counts = report["counts"]
     log(f"ingest: done in {report['seconds']:.1f} s: {counts['input']} inputs = {counts['written']} written "
         f"+ {counts['quarantined']} quarantined ({counts['quarantined_by_reason']}); "

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from service.data import formats, storage
+from service.data.checks import DataInputError
+from service.data.options import LAYOUTS
 from service.data.wnids import KNOWN_NAMES
 
-LAYOUTS = ("imagefolder", "ilsvrc-tars", "kaggle")
 WNID_RE = re.compile(r"^n\d{8}$")
 VAL_INDEX_RE = re.compile(r"ILSVRC2012_val_(\d{8})")
 KAGGLE_BASE = "ILSVRC/Data/CLS-LOC"
@@ -92,7 +93,7 @@ class Listing:
     val_ground_truth: list[int] = field(default_factory=list)
 
 
-def detect_layout(rels: set[str]) -> str:
+def detect_layout(rels: set[str], source: str = "the source") -> str:
     """Guess the layout from the relative file paths below the root."""
     if any(r.startswith(KAGGLE_BASE + "/") for r in rels):
         return "kaggle"
@@ -100,9 +101,9 @@ def detect_layout(rels: set[str]) -> str:
         return "ilsvrc-tars"
     if any(r.startswith("train/") for r in rels):
         return "imagefolder"
-    raise ValueError(
-        "cannot detect the layout: expected ILSVRC/Data/CLS-LOC/ (kaggle), "
-        f"{TRAIN_TAR} (ilsvrc-tars) or train/<wnid>/ (imagefolder) below the source"
+    raise DataInputError(
+        f"cannot detect the layout of {source}: expected ILSVRC/Data/CLS-LOC/ (kaggle), "
+        f"{TRAIN_TAR} (ilsvrc-tars) or train/<wnid>/ (imagefolder) below it"
     )
 
 
@@ -120,7 +121,7 @@ def choose_classes(train_wnids: set[str], mapping: Optional[dict[str, str]]) -> 
     """Sorted class wnids and their names (see module docstring for the rule)."""
     wnids = sorted(w for w in train_wnids if WNID_RE.match(w) and (mapping is None or w in mapping))
     if not wnids:
-        raise ValueError(f"no class folders found (training wnids seen: {sorted(train_wnids)[:10]})")
+        raise DataInputError(f"no class folders found (training wnids seen: {sorted(train_wnids)[:10]})")
     names = [(mapping or {}).get(w) or KNOWN_NAMES.get(w, w) for w in wnids]
     return wnids, names
 
@@ -136,9 +137,9 @@ def list_layout(source: str, layout: str = "auto", s3: storage.S3Settings = stor
     entries = storage.list_files(source, s3)
     by_rel = {e.rel: e for e in entries}
     if layout == "auto":
-        layout = detect_layout(set(by_rel))
+        layout = detect_layout(set(by_rel), source)
     if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not allowed; choose one of auto, {', '.join(LAYOUTS)}")
+        raise DataInputError(f"layout={layout!r} is not allowed; choose one of auto, {', '.join(LAYOUTS)}")
     if layout == "ilsvrc-tars":
         return _list_ilsvrc(source, by_rel, s3)
     base = KAGGLE_BASE + "/" if layout == "kaggle" else ""
@@ -150,7 +151,7 @@ def list_layout(source: str, layout: str = "auto", s3: storage.S3Settings = stor
     train = [e for e in entries if e.rel.startswith(base + "train/")]
     val = [e for e in entries if e.rel.startswith(base + "val/")]
     if not train:
-        raise ValueError(f"no files below {storage.join(source, base + 'train')}")
+        raise DataInputError(f"no files below {storage.join(source, base + 'train')}")
     folder_of = {e.rel: e.rel[len(base):].split("/") for e in train + val}
     train_wnids = {parts[1] for e in train if len(parts := folder_of[e.rel]) > 2}
     wnids, names = choose_classes(train_wnids, mapping)
@@ -219,7 +220,7 @@ def parse_meta_mat(data: bytes) -> dict[int, tuple[str, str]]:
     try:
         import scipy.io
     except ImportError as err:
-        raise ValueError(
+        raise DataInputError(
             "the devkit has only meta.mat, which needs scipy; install scipy or add "
             f"{DEVKIT_DIR}/data/synsets.txt with lines '<ILSVRC2012_ID> <wnid> <words>'"
         ) from err
@@ -243,22 +244,11 @@ def _list_ilsvrc(source: str, by_rel: dict, s3: storage.S3Settings) -> Listing:
     mapping = {wnid: name for wnid, name in synsets.values()} or None
     ground_truth = [int(x) for x in devkit.get(GROUND_TRUTH, b"").decode().split()]
     if TRAIN_TAR not in by_rel:
-        raise ValueError(f"{storage.join(source, TRAIN_TAR)} not found")
+        raise DataInputError(f"{storage.join(source, TRAIN_TAR)} not found")
     train_entry = by_rel[TRAIN_TAR]
-    # The outer tar has ~1000 members: hop over headers with random access.
-    fs, path = storage.arrow_filesystem(train_entry.uri, s3)
-    items, inner = [], []
-    with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem = member.name.rsplit("/", 1)[-1]
-            key = f"train/{member.name}"
-            if stem.endswith(".tar"):
-                inner.append((stem[:-4], member.offset_data, member.size, key))
-            else:
-                items.append(Item(key, "train", "", train_entry.uri, member.offset_data, member.size,
-                                  formats.UNKNOWN_WNID, "not a class archive in the training tar"))
+    # The outer tar has ~1000 members: hop over headers with random access
+    # (small reads: the whole pass is retried as `storage.with_retries` says).
+    items, inner = storage.with_retries(lambda: _outer_train_tar(train_entry.uri, s3), s3.max_attempts)
     wnids, names = choose_classes({w for w, *_ in inner}, mapping)
     listing = Listing("ilsvrc-tars", wnids, names, items=items)
     listing.id_to_wnid = {ident: wnid for ident, (wnid, _name) in synsets.items()}
@@ -269,6 +259,24 @@ def _list_ilsvrc(source: str, by_rel: dict, s3: storage.S3Settings) -> Listing:
         val_entry = by_rel[VAL_TAR]
         listing.tar_ranges.append(TarRange(val_entry.uri, 0, val_entry.size, "val", "", "val"))
     return listing
+
+
+def _outer_train_tar(uri: str, s3: storage.S3Settings) -> tuple[list[Item], list[tuple[str, int, int, str]]]:
+    """Non-class members (as quarantined items) and inner class tars (wnid, offset, size, key)."""
+    fs, path = storage.arrow_filesystem(uri, s3)
+    items, inner = [], []
+    with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            stem = member.name.rsplit("/", 1)[-1]
+            key = f"train/{member.name}"
+            if stem.endswith(".tar"):
+                inner.append((stem[:-4], member.offset_data, member.size, key))
+            else:
+                items.append(Item(key, "train", "", uri, member.offset_data, member.size,
+                                  formats.UNKNOWN_WNID, "not a class archive in the training tar"))
+    return items, inner
 
 
 @dataclass
@@ -290,7 +298,7 @@ def index_tar_range(tar_range: TarRange, s3: storage.S3Settings = storage.DEFAUL
     fs, path = storage.arrow_filesystem(tar_range.path, s3)
     members: list[TarMember] = []
     with fs.open_input_file(path) as handle:
-        reader = storage.RangeReader(handle, tar_range.offset, tar_range.size)
+        reader = storage.RangeReader(handle, tar_range.offset, tar_range.size, max_attempts=s3.max_attempts)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for member in tar:

@@ -32,9 +32,10 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from service.config import ConfigError
+from service.data.options import LAYOUTS
 from service.data.wnids import IMAGENET_SYNSETS
 
-LAYOUTS = ("imagefolder", "ilsvrc-tars", "kaggle")
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond", "bar", "star")
 TEXTURES = ("solid", "stripes", "checks")
 UNKNOWN_WNID = "n99999999"
@@ -43,35 +44,53 @@ MANIFEST = "synth_manifest.json"
 
 @dataclass
 class SynthConfig:
-    """What to generate."""
+    """What to generate (the schema of `python -m service.synth`, conf/synth.yaml)."""
 
-    out: str
+    # -- Output folder (required); the raw dataset is written below it.
+    out: str = ""
+    # -- Number of classes (real ImageNet wnids), 2-99.
     classes: int = 10
+    # -- Training images per class.
     images_per_class: int = 50
+    # -- Validation images per class.
     val_per_class: int = 10
+    # -- Raw layout to write: one of service.data.options.LAYOUTS.
     layout: str = "imagefolder"
+    # -- Random seed; the output is identical for a seed.
     seed: int = 0
     # -- Multiplies ImageNet-like sizes (~500×375); 0.32 gives ~160×120.
     size_scale: float = 1.0
+    # -- Add CMYK/PNG/grayscale/EXIF/truncated/empty/non-image/unknown-wnid inputs.
     bad_inputs: bool = False
     # -- ilsvrc-tars devkit synsets as "mat" (MATLAB meta.mat, needs scipy) or "txt".
     devkit_meta: str = "mat"
+    # -- Range of the JPEG quality drawn per image.
     quality_min: int = 80
     quality_max: int = 95
     # -- Processes rendering images (output is identical for any count).
     workers: int = 1
 
     def validate(self) -> None:
+        """`ConfigError` (a ValueError) naming the first bad key and what is accepted."""
+        if not self.out:
+            raise ConfigError("out= is required: python -m service.synth out=<folder> [classes=10 ...]")
+        if os.path.isfile(self.out):
+            raise ConfigError(f"out={self.out} is a file; give a folder")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"layout={self.layout!r} is not allowed; choose one of {', '.join(LAYOUTS)}")
+            raise ConfigError(f"layout={self.layout!r} is not allowed; choose one of {', '.join(LAYOUTS)}")
         if not 2 <= self.classes <= len(IMAGENET_SYNSETS) - 1:
-            raise ValueError(f"classes={self.classes} must be in [2, {len(IMAGENET_SYNSETS) - 1}]")
+            raise ConfigError(f"classes={self.classes} must be in [2, {len(IMAGENET_SYNSETS) - 1}]")
         if self.images_per_class < 1 or self.val_per_class < 0:
-            raise ValueError("images_per_class must be >= 1 and val_per_class >= 0")
+            raise ConfigError("images_per_class must be >= 1 and val_per_class >= 0")
         if self.size_scale <= 0:
-            raise ValueError(f"size_scale={self.size_scale} must be > 0")
+            raise ConfigError(f"size_scale={self.size_scale} must be > 0")
         if self.devkit_meta not in ("mat", "txt"):
-            raise ValueError(f"devkit_meta={self.devkit_meta!r}: choose mat or txt")
+            raise ConfigError(f"devkit_meta={self.devkit_meta!r} is not allowed; choose one of mat, txt")
+        if not 1 <= self.quality_min <= self.quality_max <= 100:
+            raise ConfigError(f"quality_min={self.quality_min}, quality_max={self.quality_max}: need "
+                             "1 <= quality_min <= quality_max <= 100")
+        if self.workers < 1:
+            raise ConfigError(f"workers={self.workers} must be >= 1")
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:

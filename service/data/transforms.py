@@ -9,8 +9,10 @@ Images are HWC uint8 arrays. Two training recipes:
 - "rrc": RandomResizedCrop as in torchvision (area 8-100 %, aspect 3/4-4/3,
   10 tries then a centre fallback) + flip, no lighting.
 
+Both recipes flip only when `data.hflip` is on (the caller decides).
+
 Evaluation: centre `size`² crop of the central square, or the paper's 10 crops
-(4 corners + centre, each also mirrored).
+(4 corners + centre, each also mirrored; the 5 unmirrored ones with hflip off).
 """
 
 from __future__ import annotations
@@ -85,10 +87,10 @@ def ten_crop_positions(height: int, width: int, size: int) -> list[tuple[int, in
     return [(0, 0), (0, right), (bottom, 0), (bottom, right), center_crop_bounds(height, width, size)]
 
 
-def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """[10, size, size, 3]: the 5 crops, then the same 5 mirrored."""
+def ten_crop(image: np.ndarray, size: int, mirrored: bool = True) -> np.ndarray:
+    """[10, size, size, 3]: the 5 crops, then the same 5 mirrored; [5, ...] without the mirrored ones."""
     crops = [crop(image, top, left, size) for top, left in ten_crop_positions(*image.shape[:2], size)]
-    return np.stack(crops + [hflip(c) for c in crops])
+    return np.stack(crops + ([hflip(c) for c in crops] if mirrored else []))
 
 
 def pca_lighting_offset(
@@ -133,14 +135,12 @@ def random_resized_crop_box(
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def resized_crop(jpeg: bytes, box: tuple[int, int, int, int], stored_size: tuple[int, int], size: int) -> np.ndarray:
-    """Decode `jpeg` and resize the box (top, left, h, w, in stored pixels) to a size×size array."""
-    return np.asarray(resized_crop_image(jpeg, box, stored_size, size))
-
-
 def resized_crop_image(jpeg: bytes, box: tuple[int, int, int, int], stored_size: tuple[int, int],
                        size: int) -> Image.Image:
-    """`resized_crop` as a PIL image; decodes at a reduced DCT scale when the box is >= 2x `size`."""
+    """Decode `jpeg` and resize the box (top, left, h, w, in stored pixels) to a size×size image.
+
+    Decodes at a reduced DCT scale when the box is >= 2x `size`.
+    """
     top, left, crop_h, crop_w = box
     img = Image.open(io.BytesIO(jpeg))
     reduce = max(1, min(crop_h, crop_w) // size)

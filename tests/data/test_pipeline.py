@@ -1,78 +1,78 @@
-"""The Ray Data training pipeline: the batch contract and epoch coverage across replicas."""
+"""The Ray Data epoch datasets on a real local Ray: the same rows, order and pixels as
+the plan and the local iterator; bad shards stop with their name or are stood in for."""
 
 from __future__ import annotations
 
-import threading
+import os
 
 import numpy as np
 import pytest
 
 from service.config import DataConfig
-from service.data.pipeline import build_pipeline, split_for_replicas
-from service.data.ingest import IngestConfig, run_ingest
+from service.data import epochs
+from service.data.decode import BadShardError
+from service.data.pipeline import build_pipeline, epoch_dataset, iter_epoch_local
+from tests.data.shards import write_dataset
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def dataset_root(ray_local, synth_dataset, tmp_path_factory):
-    raw, _manifest = synth_dataset("imagefolder")  # 4 classes x 6 train, x 3 val
-    root = str(tmp_path_factory.mktemp("shards"))
-    run_ingest(IngestConfig(source=raw, dest=root, resize_size=40, shard_size=5))
-    return root
+def root(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("pipeline"))
+    write_dataset(path, num_train=45, num_val=9, shard_size=8)
+    return path
 
 
-@pytest.mark.parametrize("augmentation, decode_with", [("paper", "tasks"), ("rrc", "actors")])
-def test_train_batches_follow_the_contract(dataset_root, augmentation, decode_with):
-    cfg = DataConfig(root=dataset_root, resize_size=40, augmentation=augmentation, decode_concurrency=2)
-    data = build_pipeline(cfg, 32, 1, decode_with=decode_with)
-    assert data.meta.num_classes == 4 and data.meta.num_train == 24 and len(data.meta.eigvec) == 3
-    batch = data.train.take_batch(8, batch_format="numpy")
-    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
-    assert batch["label"].dtype == np.int64 and set(batch["label"]) <= set(range(4))
-    assert batch["lighting"].shape == (8, 3) and batch["lighting"].dtype == np.float32
-    if augmentation == "paper":
-        assert np.any(batch["lighting"] != 0) and np.all(np.abs(batch["lighting"]) < 40)
-    else:
-        assert not np.any(batch["lighting"])
-    assert set(batch) == {"image", "label", "lighting"}
+def _rows(ds) -> dict[str, np.ndarray]:
+    batches = list(ds.iter_batches(batch_size=16, batch_format="numpy"))
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-@pytest.mark.parametrize("eval_crops, shape", [(1, (32, 32, 3)), (10, (10, 32, 32, 3))])
-def test_val_batches_follow_the_contract(dataset_root, eval_crops, shape):
-    data = build_pipeline(DataConfig(root=dataset_root, resize_size=40, eval_crops=eval_crops), 32, 1)
-    batch = data.val.take_batch(12, batch_format="numpy")
-    assert batch["image"].shape == (12,) + shape and batch["image"].dtype == np.uint8
-    assert not np.any(batch["lighting"]) and sorted(np.bincount(batch["label"])) == [3, 3, 3, 3]
+def _local_rows(*args) -> dict[str, np.ndarray]:
+    batches = list(iter_epoch_local(*args, batch_size=16))
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def test_every_image_once_per_epoch_disjoint_across_replicas(dataset_root):
-    data = build_pipeline(DataConfig(root=dataset_root, resize_size=40, shuffle_seed=5), 32, 2, include_keys=True)
-    iterators = split_for_replicas(data.train, 2)
-    epochs = 2
-    seen: list[list[list[str]]] = [[], []]
-    errors: list[BaseException] = []
+def test_epoch_dataset_equals_the_plan_and_the_local_iterator(ray_local, root):
+    source = epochs.open_source(DataConfig(root=root, resize_size=48, shuffle_seed=3), 32, 2)
+    seen = []
+    for replica, skip in ((0, 0), (1, 5)):
+        rows = _rows(epoch_dataset(source, "train", 1, replica, 2, skip_rows=skip, concurrency=2))
+        local = _local_rows(source, "train", 1, replica, 2, skip)
+        assert list(rows["key"]) == epochs.epoch_keys(source, "train", 1, replica, 2, skip) == list(local["key"])
+        for column in ("image", "label", "lighting", "bad_shard"):
+            assert np.array_equal(rows[column], local[column]), column
+        assert rows["image"].shape[1:] == (32, 32, 3) and rows["image"].dtype == np.uint8
+        assert rows["label"].dtype == np.int64 and rows["lighting"].dtype == np.float32
+        seen.append(list(rows["key"]))
+    assert len(seen[0]) == 22 and len(seen[1]) == 22 - 5 and not set(seen[0]) & set(seen[1])
 
-    def consume(replica: int) -> None:
-        try:
-            for _ in range(epochs):
-                keys = []
-                for batch in iterators[replica].iter_batches(batch_size=4, batch_format="numpy"):
-                    keys.extend(str(k) for k in batch["key"])
-                seen[replica].append(keys)
-        except BaseException as err:  # surfaced in the main thread
-            errors.append(err)
 
-    threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors and not any(t.is_alive() for t in threads)
-    for epoch in range(epochs):
-        first, second = seen[0][epoch], seen[1][epoch]
-        assert len(first) == len(second) == 12
-        assert not set(first) & set(second), "replicas get disjoint images"
-        assert len(set(first) | set(second)) == 24 == len(first) + len(second), "each image exactly once"
-    orders = [seen[0][e] + seen[1][e] for e in range(epochs)]
-    assert orders[0] != orders[1], "the order changes between epochs"
+def test_val_ten_crops_every_image_once_over_replicas(ray_local, root):
+    source = epochs.open_source(DataConfig(root=root, resize_size=48, eval_crops=10), 32, 2)
+    parts = [_rows(epoch_dataset(source, "val", 0, replica, 2, concurrency=2)) for replica in range(2)]
+    keys = [k for part in parts for k in part["key"]]
+    assert sorted(keys) == sorted(epochs.epoch_keys(source, "val", 0, 0, 1)) and len(set(keys)) == 9
+    assert all(part["image"].shape[1:] == (10, 32, 32, 3) for part in parts)
+    assert all(not np.any(part["lighting"]) for part in parts)
+
+
+def test_build_pipeline_gives_whole_epoch_zero(ray_local, root):
+    data = build_pipeline(DataConfig(root=root, resize_size=48, decode_concurrency=2), 32, 1)
+    assert data.meta.num_train == 45 and data.train.count() == 45
+    assert sorted(_rows(data.val)["key"]) == sorted(epochs.epoch_keys(data.source, "val", 0, 0, 1))
+
+
+def test_bad_shard_through_ray_names_it_or_is_stood_in_for(ray_local, tmp_path):
+    meta = write_dataset(str(tmp_path), num_train=24, num_val=4, shard_size=8)
+    shard = os.path.join(str(tmp_path), meta.shards["train"][1])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 3)
+    source = epochs.open_source(DataConfig(root=str(tmp_path), resize_size=48), 32, 1)
+    # Ray raises RayTaskError(BadShardError): an instance of BadShardError too.
+    with pytest.raises(BadShardError, match="bad shard .*part-00001.parquet"):
+        _rows(epoch_dataset(source, "train", 0, 0, 1, concurrency=2))
+    skipping = epochs.open_source(DataConfig(root=str(tmp_path), resize_size=48, skip_bad_shards=True), 32, 1)
+    rows = _rows(epoch_dataset(skipping, "train", 0, 0, 1, concurrency=2))
+    assert len(rows["key"]) == 24 and int(np.sum(rows["bad_shard"] == 1)) == 8

@@ -10,7 +10,21 @@ import pytest
 from PIL import Image
 
 from service.data import formats, transforms
-from service.data.pipeline import EvalTransform, TrainTransform, image_rng
+from service.data.decode import eval_image, train_image
+from service.data.epochs import DataSource, image_stream
+from service.data.meta import DatasetMeta
+from service.data.storage import S3Settings
+
+
+def _source(image_size: int = 64, resize_size: int = 72, **overrides) -> DataSource:
+    """A DataSource over no files: enough for the per-image decode functions."""
+    meta = DatasetMeta(num_classes=2, wnids=["n0", "n1"], names=["a", "b"], mean=[0.0] * 3, std=[1.0] * 3,
+                       eigval=[0.2, 0.02, 0.004], eigvec=np.eye(3).tolist(), num_train=0, num_val=0)
+    fields = dict(root="/nowhere", s3=S3Settings(), meta=meta, image_size=image_size, resize_size=resize_size,
+                  augmentation="paper", hflip=True, pca_lighting_std=0.1, eval_crops=1, seed=1,
+                  skip_bad_shards=False)
+    fields.update(overrides)
+    return DataSource(**fields)
 
 
 def _jpeg(width: int, height: int, seed: int = 0, **kwargs) -> bytes:
@@ -51,6 +65,7 @@ def test_ten_crop_positions_are_corners_centre_and_mirrors():
     assert np.array_equal(crops[4], image[2:7, 2:7])
     for k in range(5):
         assert np.array_equal(crops[5 + k], crops[k][:, ::-1])
+    assert np.array_equal(transforms.ten_crop(image, 5, mirrored=False), crops[:5])
 
 
 def test_pca_lighting_statistics_match_the_paper_formula():
@@ -90,45 +105,60 @@ def test_decode_short_side_uses_draft_and_returns_exact_size():
     assert transforms.decode_short_side(jpeg, None).size == (512, 384)
 
 
-def test_resized_crop_is_size_by_size():
+def test_resized_crop_image_is_size_by_size():
     jpeg = _jpeg(300, 200)
-    out = transforms.resized_crop(jpeg, (10, 20, 150, 180), (300, 200), 32)
+    out = np.asarray(transforms.resized_crop_image(jpeg, (10, 20, 150, 180), (300, 200), 32))
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 
-def test_train_transform_contract_paper_and_rrc():
-    batch = {"jpeg": np.array([_jpeg(96, 72, s) for s in range(4)], dtype=object), "label": np.arange(4)}
-    eigvec = np.eye(3).tolist()
-    paper = TrainTransform(64, 72, "paper", 0.1, [0.2, 0.02, 0.004], eigvec, seed=1)(batch)
-    assert paper["image"].shape == (4, 64, 64, 3) and paper["image"].dtype == np.uint8
-    assert paper["label"].dtype == np.int64 and paper["lighting"].dtype == np.float32
-    assert paper["lighting"].shape == (4, 3) and np.any(paper["lighting"] != 0)
-    again = TrainTransform(64, 72, "paper", 0.1, [0.2, 0.02, 0.004], eigvec, seed=1)(batch)
-    assert np.array_equal(paper["image"], again["image"]), "augmentation must replay for a seed"
-    rrc = TrainTransform(64, 72, "rrc", 0.1, [0.2, 0.02, 0.004], eigvec, seed=1)(batch)
-    assert rrc["image"].shape == (4, 64, 64, 3) and not np.any(rrc["lighting"])
-    with pytest.raises(ValueError):
-        TrainTransform(80, 72, "paper", 0.1, [0, 0, 0], eigvec)
+def test_train_image_contract_paper_and_rrc():
+    jpegs = [_jpeg(96, 72, s) for s in range(4)]
+    paper = [train_image(_source(), j, f"k{i}", 0) for i, j in enumerate(jpegs)]
+    assert all(img.shape == (64, 64, 3) and img.dtype == np.uint8 for img, _ in paper)
+    assert all(light.shape == (3,) and light.dtype == np.float32 for _, light in paper)
+    assert any(np.any(light != 0) for _, light in paper)
+    again = [train_image(_source(), j, f"k{i}", 0) for i, j in enumerate(jpegs)]
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(paper, again)), "augmentation must replay for a seed"
+    other_epoch = [train_image(_source(), j, f"k{i}", 1)[0] for i, j in enumerate(jpegs)]
+    assert any(not np.array_equal(a[0], b) for a, b in zip(paper, other_epoch)), "epochs draw new crops"
+    rrc = [train_image(_source(augmentation="rrc"), j, f"k{i}", 0) for i, j in enumerate(jpegs)]
+    assert all(img.shape == (64, 64, 3) and not np.any(light) for img, light in rrc)
+
+
+def test_hflip_off_changes_only_the_flip():
+    jpeg = _jpeg(96, 72, seed=4)
+    for augmentation in ("paper", "rrc"):
+        flipped_somewhere = False
+        for key in (f"k{i}" for i in range(16)):
+            on_img, on_light = train_image(_source(augmentation=augmentation), jpeg, key, 0)
+            off_img, off_light = train_image(_source(augmentation=augmentation, hflip=False), jpeg, key, 0)
+            assert np.array_equal(on_light, off_light), "lighting is drawn the same with flips off"
+            if not np.array_equal(on_img, off_img):
+                assert np.array_equal(on_img, off_img[:, ::-1]), "the only difference is a mirror"
+                flipped_somewhere = True
+        assert flipped_somewhere, "with hflip on, some of 16 images are mirrored"
 
 
 def test_train_crop_is_a_window_of_the_central_square():
     jpeg = _jpeg(96, 72, seed=9)
     square = np.asarray(transforms.decode_short_side(jpeg, 72).crop(transforms.center_square_box(96, 72)))
-    out = TrainTransform(64, 72, "paper", 0.0, [0, 0, 0], np.eye(3).tolist(), seed=3)(
-        {"jpeg": np.array([jpeg], dtype=object), "label": np.array([0])})["image"][0]
+    out, _ = train_image(_source(pca_lighting_std=0.0, seed=3), jpeg, "key", 0)
     windows = [square[t:t + 64, l:l + 64] for t in range(9) for l in range(9)]
     assert any(np.array_equal(out, w) or np.array_equal(out, w[:, ::-1]) for w in windows)
-    # Image rng is a pure function of (seed, epoch, bytes).
-    assert image_rng(3, 0, jpeg).random() == image_rng(3, 0, jpeg).random() != image_rng(3, 1, jpeg).random()
+    # The image stream is a pure function of (seed, epoch, key).
+    assert image_stream(3, 0, "a").random() == image_stream(3, 0, "a").random() != image_stream(3, 1, "a").random()
+    assert image_stream(3, 0, "a").random() != image_stream(3, 0, "b").random()
 
 
-def test_eval_transform_one_and_ten_crops():
-    batch = {"jpeg": np.array([_jpeg(96, 72, s) for s in range(3)], dtype=object), "label": np.arange(3)}
-    one = EvalTransform(64, 72, 1)(batch)
-    ten = EvalTransform(64, 72, 10)(batch)
-    assert one["image"].shape == (3, 64, 64, 3) and ten["image"].shape == (3, 10, 64, 64, 3)
-    assert np.array_equal(one["image"], ten["image"][:, 4]), "crop 4 of the ten is the centre crop"
-    assert not np.any(one["lighting"]) and one["label"].dtype == np.int64
+def test_eval_image_one_ten_and_five_crops():
+    jpeg = _jpeg(96, 72, 1)
+    one = eval_image(_source(), jpeg)
+    ten = eval_image(_source(eval_crops=10), jpeg)
+    five = eval_image(_source(eval_crops=10, hflip=False), jpeg)
+    assert one.shape == (64, 64, 3) and ten.shape == (10, 64, 64, 3) and five.shape == (5, 64, 64, 3)
+    assert np.array_equal(one, ten[4]), "crop 4 of the ten is the centre crop"
+    assert np.array_equal(five, ten[:5]), "with hflip off, the 5 unmirrored crops"
+    assert _source(eval_crops=10).eval_crop_count == 10 and _source(eval_crops=10, hflip=False).eval_crop_count == 5
 
 
 # --- ingest-time fixing of bad inputs (formats.normalize_image) ---------------------------------

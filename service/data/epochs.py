@@ -1,0 +1,228 @@
+"""The epoch plan: which images a replica sees in an epoch, in which order.
+
+A pure function of the dataset's meta.json and (seed, epoch, replica,
+replicas): no Ray, no reads, no decoding. So a resumed run replays exactly
+the order of an uninterrupted one, whatever Ray Data did before.
+
+Training epoch `e`: the train shards in a seeded order, each shard's rows in
+a seeded permutation (both from (seed, e)), concatenated into one sequence
+of N rows. Replica r of R takes the contiguous part [r*n, (r+1)*n) with
+n = N // R, so every replica runs the same number of steps, replicas are
+disjoint, and at most R-1 rows (different ones each epoch) are left out.
+Contiguous parts keep I/O low: a replica reads about 1/R of the shards.
+Ingest scattered classes randomly over shards, so a shard-level order plus
+an in-shard permutation mixes classes without an all-to-all shuffle.
+
+Validation: the val shards and rows in stored order, split into R parts
+whose sizes differ by at most one, so every image is evaluated exactly once.
+
+`skip_rows` drops the first rows of a replica's part before anything is
+read (mid-epoch resume). The plan is a list of `ReadUnit`s: a slice of one
+shard's epoch row order, the unit of work of one decode task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.data import storage
+from service.data.checks import check_data_root
+from service.data.meta import DatasetMeta
+from service.data.options import AUGMENTATIONS, EVAL_CROPS
+
+SPLITS = ("train", "val")
+_SHARD_ORDER, _ROW_ORDER, _IMAGE = 0, 1, 2  # stream tags: independent random streams
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Everything a worker needs to produce batches; plain picklable data.
+
+    Built on the driver by `open_source`; the S3 keys are resolved there and
+    travel with it (the repr shows no secret).
+    """
+
+    root: str
+    s3: storage.S3Settings
+    meta: DatasetMeta
+    # -- Crop side; shards are decoded at `resize_size` and cropped to it.
+    image_size: int
+    resize_size: int
+    augmentation: str
+    hflip: bool
+    pca_lighting_std: float
+    # -- 1 or 10 (see `eval_crop_count` for what reaches the trainer).
+    eval_crops: int
+    # -- data.shuffle_seed: the shuffle and every augmentation derive from it.
+    seed: int
+    skip_bad_shards: bool
+
+    def __repr__(self) -> str:
+        return (f"DataSource(root={self.root!r}, train={self.meta.num_train} images in "
+                f"{len(self.meta.shards['train'])} shards, val={self.meta.num_val}, image_size={self.image_size}, "
+                f"augmentation={self.augmentation!r}, hflip={self.hflip}, eval_crops={self.eval_crops}, "
+                f"seed={self.seed}, s3={self.s3!r})")
+
+    @property
+    def eval_crop_count(self) -> int:
+        """Crops per validation image: 1, 10 (5 + mirrored), or 5 with hflip off."""
+        if self.eval_crops == 1:
+            return 1
+        return 10 if self.hflip else 5
+
+    def shard_uri(self, split: str, shard: int) -> str:
+        """The URI of shard number `shard` of `split` (meta.json order)."""
+        return storage.join(self.root, self.meta.shards[split][shard])
+
+    def num_rows(self, split: str) -> int:
+        """Images in `split`."""
+        return int(sum(self.meta.shard_rows[split]))
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """Rows [start, stop) of shard `shard`'s row order in epoch `epoch` (one decode task)."""
+
+    split: str
+    epoch: int
+    shard: int
+    start: int
+    stop: int
+
+
+def open_source(data_cfg: Any, image_size: int, num_replicas: int) -> DataSource:
+    """Driver side: check the settings and load meta.json (clear errors), resolve S3 keys.
+
+    `data_cfg` is `service.config.DataConfig` (root, augmentation, hflip,
+    pca_lighting_std, eval_crops, resize_size, shuffle_seed, skip_bad_shards,
+    s3_*).
+    """
+    if data_cfg.augmentation not in AUGMENTATIONS:
+        raise ValueError(f"data.augmentation={data_cfg.augmentation!r}; choose one of {list(AUGMENTATIONS)}")
+    if data_cfg.eval_crops not in EVAL_CROPS:
+        raise ValueError(f"data.eval_crops={data_cfg.eval_crops!r}; choose one of {list(EVAL_CROPS)}")
+    if image_size > data_cfg.resize_size:
+        raise ValueError(f"image_size={image_size} is larger than data.resize_size={data_cfg.resize_size}")
+    if num_replicas < 1:
+        raise ValueError(f"num_replicas={num_replicas} must be >= 1")
+    s3 = storage.S3Settings.from_fields(data_cfg).resolved()
+    meta = check_data_root(data_cfg.root, s3)
+    for split in SPLITS:
+        if len(meta.shards[split]) != len(meta.shard_rows[split]):
+            raise ValueError(f"{data_cfg.root}/meta.json lists {len(meta.shards[split])} {split} shards but "
+                             f"{len(meta.shard_rows[split])} row counts; re-ingest the dataset")
+    if meta.num_train < num_replicas:
+        raise ValueError(f"{meta.num_train} training images cannot be split over {num_replicas} replicas")
+    if meta.resize_size < data_cfg.resize_size:
+        raise ValueError(f"shards at {data_cfg.root} are stored at shorter side {meta.resize_size}, smaller than "
+                         f"data.resize_size={data_cfg.resize_size}; re-ingest with resize_size="
+                         f"{data_cfg.resize_size} or lower data.resize_size")
+    return DataSource(root=data_cfg.root, s3=s3, meta=meta, image_size=image_size,
+                      resize_size=data_cfg.resize_size, augmentation=data_cfg.augmentation, hflip=data_cfg.hflip,
+                      pca_lighting_std=data_cfg.pca_lighting_std, eval_crops=data_cfg.eval_crops,
+                      seed=data_cfg.shuffle_seed, skip_bad_shards=data_cfg.skip_bad_shards)
+
+
+def random_stream(*words: int) -> np.random.Generator:
+    """A random generator seeded by non-negative integer words (seed, epoch, tag, ...)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([w & _MASK64 for w in words])))
+
+
+def key_word(key: str) -> int:
+    """A 64-bit integer from an image key (stable across processes and Python versions)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def image_stream(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The augmentation randomness of one image in one epoch: a pure function of (seed, epoch, key)."""
+    return random_stream(seed, epoch, _IMAGE, key_word(key))
+
+
+def shard_order(source: DataSource, split: str, epoch: int) -> np.ndarray:
+    """Shard indices in the order epoch `epoch` reads them."""
+    count = len(source.meta.shards[split])
+    if split == "val":
+        return np.arange(count)
+    return random_stream(source.seed, epoch, _SHARD_ORDER).permutation(count)
+
+
+def shard_row_order(source: DataSource, split: str, epoch: int, shard: int) -> np.ndarray:
+    """Row indices of one shard in the order epoch `epoch` reads them."""
+    rows = int(source.meta.shard_rows[split][shard])
+    if split == "val":
+        return np.arange(rows)
+    return random_stream(source.seed, epoch, _ROW_ORDER, shard).permutation(rows)
+
+
+def _check_args(source: DataSource, split: str, replica: int, replicas: int) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; choose one of {list(SPLITS)}")
+    if replicas < 1 or not 0 <= replica < replicas:
+        raise ValueError(f"replica={replica} must be in [0, replicas={replicas})")
+
+
+def replica_range(source: DataSource, split: str, replica: int, replicas: int) -> tuple[int, int]:
+    """[start, stop) of replica `replica`'s part of the epoch sequence."""
+    _check_args(source, split, replica, replicas)
+    total = source.num_rows(split)
+    if split == "train":
+        per = total // replicas
+        return replica * per, (replica + 1) * per
+    per, extra = divmod(total, replicas)
+    start = replica * per + min(replica, extra)
+    return start, start + per + (1 if replica < extra else 0)
+
+
+def replica_rows(source: DataSource, split: str, replica: int, replicas: int) -> int:
+    """Rows replica `replica` gets per epoch: train N // replicas for every
+    replica; val the exact split of all N (sizes differ by at most one)."""
+    start, stop = replica_range(source, split, replica, replicas)
+    return stop - start
+
+
+def epoch_units(source: DataSource, split: str, epoch: int, replica: int, replicas: int,
+                skip_rows: int = 0, max_rows_per_unit: int = 0) -> list[ReadUnit]:
+    """This replica's part of epoch `epoch` as shard slices, in order, after
+    dropping its first `skip_rows` rows. `max_rows_per_unit` (0 = whole
+    shards) cuts slices smaller for parallelism; it never changes the rows."""
+    start, stop = replica_range(source, split, replica, replicas)
+    if not 0 <= skip_rows <= stop - start:
+        raise ValueError(f"skip_rows={skip_rows} must be in [0, {stop - start}] (rows of replica {replica})")
+    start += skip_rows
+    units, offset = [], 0
+    for shard in shard_order(source, split, epoch):
+        rows = int(source.meta.shard_rows[split][shard])
+        lo, hi = max(start, offset) - offset, min(stop, offset + rows) - offset
+        if lo < hi:
+            step = max_rows_per_unit or (hi - lo)
+            units += [ReadUnit(split, epoch, int(shard), a, min(a + step, hi)) for a in range(lo, hi, step)]
+        offset += rows
+        if offset >= stop:
+            break
+    return units
+
+
+def unit_rows(source: DataSource, unit: ReadUnit) -> np.ndarray:
+    """The shard row indices a unit reads, in order."""
+    return shard_row_order(source, unit.split, unit.epoch, unit.shard)[unit.start:unit.stop]
+
+
+def epoch_keys(source: DataSource, split: str, epoch: int, replica: int, replicas: int,
+               skip_rows: int = 0) -> list[str]:
+    """The image keys this replica sees in epoch `epoch`, in order (reads only
+    the `key` column of the shards involved; no Ray, no decoding)."""
+    from service.data.decode import read_shard
+
+    keys: list[str] = []
+    columns: dict[int, list] = {}
+    for unit in epoch_units(source, split, epoch, replica, replicas, skip_rows):
+        if unit.shard not in columns:
+            columns[unit.shard] = read_shard(source, split, unit.shard, ["key"]).column("key").to_pylist()
+        shard_keys = columns[unit.shard]
+        keys += [shard_keys[i] for i in unit_rows(source, unit)]
+    return keys
