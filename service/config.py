@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from service.data.options import AUGMENTATIONS, EVAL_CROPS
+from service.data.options import AUGMENTATIONS, EVAL_CROPS, S3Keys
 from service.model.spec import ALLOWED_TOWERS
 
 MODEL_NAMES = ("alexnet", "alexnet_owt", "alexnet_small")
@@ -66,8 +66,10 @@ class ParallelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where the ingested shards live and how batches are made."""
+class DataConfig(S3Keys):
+    """Where the ingested shards live and how batches are made; the S3 keys
+    (s3_endpoint, s3_region, s3_access_key, s3_secret_key, s3_max_attempts)
+    come from `S3Keys`, shared with the ingest CLI."""
 
     # -- Local path, file:// or s3:// URI holding `meta.json` and `shards/`.
     #    Empty: `make demo`-style generated data under `generated_dir`.
@@ -100,17 +102,6 @@ class DataConfig:
     skip_bad_shards: bool = False
     # -- Seed of the per-epoch shuffle.
     shuffle_seed: int = 0
-    # -- S3 endpoint override (MinIO, a local S3 server); credentials always
-    #    come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
-    s3_endpoint: str = ""
-    s3_region: str = "us-east-1"
-    # -- Explicit S3 keys, for setups without environment credentials. They
-    #    are secrets: redacted from logs, MLflow params and artifacts.
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
-    # -- Attempts per S3 request (botocore "standard" retry mode and pyarrow's
-    #    AWS standard retry strategy), for throttling (503 SlowDown) and resets.
-    s3_max_attempts: int = 10
 
 
 @dataclass

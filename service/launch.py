@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+import pyarrow.fs as pafs
+
 from service import hydra_app
 from service.config import Config, ConfigError, to_dict, validate_config
 from service.parallel.layout import ParallelLayout
@@ -48,7 +50,7 @@ def storage_location(cfg: Config):
     """(storage_path, filesystem) of the checkpoints, as Ray Train takes them."""
     from service.data import storage
 
-    return storage.checkpoint_filesystem(cfg.storage.path, storage.S3Settings.from_data_config(cfg.data))
+    return storage.checkpoint_filesystem(cfg.storage.path, storage.S3Settings.from_fields(cfg.data))
 
 
 def resolved_data(cfg: Config):
@@ -85,22 +87,23 @@ def train(cfg: Config, parent=None) -> dict:
     from service.resume import check_resume, find_resume_point
 
     from service.data import storage
-    from service.data.pipeline import open_source
+    from service.data.checks import check_data_root
+    from service.data.epochs import open_source
 
     started = time.monotonic()
     name = run_name(cfg)
+    source = None
+    if cfg.data.root:  # an ingested dataset: everything about it is known before Ray starts
+        check_data_root(cfg.data.root, storage.S3Settings.from_fields(cfg.data))
+        data_cfg = resolved_data(cfg)
+        source = open_source(data_cfg, cfg.model.image_size, cfg.parallel.replicas)
+    layout, spec = check_layout(cfg, source.meta.num_classes if source else cfg.data.generated_classes)
     if cfg.tracking.enabled:
         from service.tracking import mlflow_tracker
 
         mlflow_tracker.check_tracking_reachable(mlflow_tracker.resolve_tracking_uri(cfg.tracking.uri))
-    source = None
-    if cfg.data.root:  # an ingested dataset: everything about it is known before Ray starts
-        storage.check_data_root(cfg.data.root, storage.S3Settings.from_data_config(cfg.data))
-        data_cfg = resolved_data(cfg)
-        source = open_source(data_cfg, cfg.model.image_size, cfg.parallel.replicas)
-    layout, spec = check_layout(cfg, source.meta.num_classes if source else cfg.data.generated_classes)
     storage_path, filesystem = storage_location(cfg)
-    point = find_resume_point(filesystem, f"{storage_path}/{name}")
+    point = find_resume_point(filesystem or pafs.LocalFileSystem(), f"{storage_path}/{name}")
     ray_cluster.connect(cfg)
     if source is None:  # the demo's dataset is generated (a Ray Data job) now
         data_cfg = resolved_data(cfg)

@@ -85,15 +85,17 @@ class DecodePlan:
 def plan_decode(cfg: Config, cluster_cpus: float) -> DecodePlan:
     """Decode concurrency: data.decode_concurrency when set, else every CPU of
     the cluster that training workers do not reserve (at least one per replica)."""
+    from service.data.pipeline import decode_tasks_per_replica
+
     replicas = cfg.parallel.replicas
+    free = cluster_cpus - training_cpus(cfg)
+    per_replica = decode_tasks_per_replica(cfg.data.decode_concurrency, free, replicas)
     if cfg.data.decode_concurrency:
-        total, reason = cfg.data.decode_concurrency, "data.decode_concurrency"
+        reason = "data.decode_concurrency"
     else:
-        free = int(cluster_cpus - training_cpus(cfg))
-        total = max(replicas, free)
         reason = (f"auto: {cluster_cpus:g} cluster CPUs - {training_cpus(cfg):g} reserved by "
                   f"{replicas * cfg.parallel.towers} training workers")
-    return DecodePlan(total=total, per_replica=max(1, total // replicas), reason=reason)
+    return DecodePlan(total=per_replica * replicas, per_replica=per_replica, reason=reason)
 
 
 def cluster_cpus() -> float:

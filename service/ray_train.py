@@ -258,6 +258,21 @@ def _node_label() -> str:
     return f"{context.get_node_id()[:12]} ({ray.util.get_node_ip_address()})"
 
 
+def _reporting_skipped_shards(batches, source, split: str, replica: int):
+    """Pass host batches through, saying which unreadable shards were skipped
+    (data.skip_bad_shards=true: their rows are stood in for, so counts hold)."""
+    from service.data.decode import skipped_shards
+
+    skipped: set = set()
+    for batch in batches:
+        if source.skip_bad_shards:
+            for uri in sorted(skipped_shards(batch, source, split) - skipped):
+                skipped.add(uri)
+                say(f"[data] replica {replica}: skipped unreadable {split} shard {uri} "
+                    f"({len(skipped)} this epoch; data.skip_bad_shards=true)")
+        yield batch
+
+
 def _epoch_batches(payload: WorkerPayload, groups, device: torch.device, split: str):
     """Callables giving this tower the device batches of an epoch of `split`."""
     from service.data.pipeline import epoch_dataset
@@ -272,10 +287,11 @@ def _epoch_batches(payload: WorkerPayload, groups, device: torch.device, split: 
                 payload.data, split, epoch if split == "train" else 0, groups.replica, layout.replicas,
                 skip_rows=done_batches * batch, concurrency=payload.decode_per_replica,
             )
-            source = dataset.select_columns(["image", "label", "lighting"]).iter_torch_batches(
+            batches = dataset.select_columns(["image", "label", "lighting", "bad_shard"]).iter_torch_batches(
                 batch_size=batch, drop_last=split == "train", prefetch_batches=4, pin_memory=payload.use_gpu,
                 device="cpu",
             )
+            source = _reporting_skipped_shards(batches, payload.data, split, groups.replica)
         return replica_batches(source, groups, device)
 
     return for_epoch
