@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,7 +114,7 @@ def check_tracking_reachable(tracking_uri: str, timeout_s: int = 10) -> None:
         with _quick_http(timeout_s):
             client_for(uri).search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - requests/MLflow errors vary; the message says which
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        reason = _reason(error)
         status = getattr(error, "get_http_status_code", lambda: None)()
         if status in (401, 403):
             raise TrackingUnreachable(
@@ -121,9 +122,21 @@ def check_tracking_reachable(tracking_uri: str, timeout_s: int = 10) -> None:
                 "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
             ) from None
         raise TrackingUnreachable(
-            f"MLflow at {shown} is unreachable ({type(error).__name__}: {reason}); start the server, or set "
+            f"MLflow at {shown} is unreachable ({reason}); start the server, or set "
             "tracking.uri / MLFLOW_TRACKING_URI to one that answers, or tracking.enabled=false"
         ) from None
+
+
+def _reason(error: Exception) -> str:
+    """A short cause for a failed request, with no credentials in it."""
+    text = str(error)
+    for needle, reason in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                           ("Name or service not known", "host not found"), ("Failed to resolve", "host not found"),
+                           ("certificate verify failed", "TLS certificate rejected")):
+        if needle in text:
+            return reason
+    first_line = re.sub(r"://[^/@\s]+@", "://***@", text.splitlines()[0] if text else "")
+    return f"{type(error).__name__}: {first_line[:160]}" if first_line else type(error).__name__
 
 
 def _experiment_id(client, name: str, tracking_uri: str) -> str:

@@ -177,8 +177,14 @@ def fetch_model_files(model_uri: str, tracking_uri: str, destination: str):
     from service.serving.classifier import load_model_files
     from service.tracking.pyfunc import MODEL_FILES
 
+    from mlflow.exceptions import MlflowException
+
     mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=destination)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=destination)
+        model_id = resolve_model_id(model_uri, tracking_uri)
+    except MlflowException as error:
+        raise FileNotFoundError(f"model_uri={model_uri}: {error.message.splitlines()[0]}") from None
     folder = Path(local) / "artifacts" / MODEL_FILES
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -186,4 +192,4 @@ def fetch_model_files(model_uri: str, tracking_uri: str, destination: str):
             "(older runs logged a bare PyTorch model); evaluate its checkpoint folder instead"
         )
     card, state = load_model_files(folder)
-    return card, state, resolve_model_id(model_uri, tracking_uri)
+    return card, state, model_id

@@ -19,6 +19,7 @@ import os
 import shlex
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -155,5 +156,10 @@ def dataset_input(record: DatasetRecord, context: str):
             return {**super().to_dict(), "profile": json.dumps(record.profile)}
 
     schema = Schema([ColSpec(DataType.binary, "jpeg"), ColSpec(DataType.long, "label")])
-    dataset = ProfiledDataset(resolve_dataset_source(record.source_uri), record.name, record.digest, schema)
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source twice (schemes "" and "file") and
+        # warns that a path "can be interpreted in multiple ways": both are the same class.
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        source = resolve_dataset_source(record.source_uri)
+    dataset = ProfiledDataset(source, record.name, record.digest, schema)
     return DatasetInput(Dataset(**dataset.to_dict()), tags=[InputTag(DATASET_CONTEXT_TAG, context)])
