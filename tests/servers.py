@@ -160,6 +160,19 @@ def _http_ok(url: str, env: dict | None = None) -> bool:
         return False
 
 
+def _start_http_server(command: list[str], env: dict, log_path: Path, ready_path: str, port: int,
+                       what: str) -> subprocess.Popen:
+    """Start `command` in a process group of its own; poll http://127.0.0.1:<port><ready_path>."""
+    process = subprocess.Popen(command, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        wait_until(lambda: _http_ok(f"http://127.0.0.1:{port}{ready_path}"), 180, what, process)
+    except Exception:
+        stop_group(process)
+        raise RuntimeError(f"{what} did not start:\n{log_path.read_text()[-3000:]}")
+    return process
+
+
 @dataclass
 class MlflowServer:
     url: str
@@ -177,36 +190,22 @@ def start_mlflow_server(
     unless `backend_store_uri` is given. Pass `port` to restart a stopped
     server at the same address."""
     port = port or free_port()
-    log_path = folder / "mlflow-server.log"
-    log = open(log_path, "ab")
-    process = subprocess.Popen(
-        [
-            str(VENV_BIN / "mlflow"), "server",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--backend-store-uri", backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}",
-            "--artifacts-destination", str(folder / "artifacts"),
-            "--workers", str(workers),
-        ],
-        env=quiet_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _http_ok(f"{url}/health"), 180, "mlflow server", process)
-    except Exception:
-        stop_group(process)
-        raise RuntimeError(log_path.read_text()[-3000:])
-    return MlflowServer(url, process, port)
+    command = [
+        str(VENV_BIN / "mlflow"), "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination", str(folder / "artifacts"),
+        "--workers", str(workers),
+    ]
+    process = _start_http_server(command, quiet_env(), folder / "mlflow-server.log", "/health", port, "mlflow server")
+    return MlflowServer(f"http://127.0.0.1:{port}", process, port)
 
 
 @dataclass
 class ModelServer:
     url: str
     process: subprocess.Popen
-    log_path: Path
 
     def stop(self) -> None:
         stop_group(self.process)
@@ -216,20 +215,11 @@ def start_model_server(model_uri: str, tracking_uri: str, folder: Path) -> Model
     """`mlflow models serve -m <model_uri> --env-manager local` on 127.0.0.1 (the
     command `make serve` runs), with this venv's `service` package importable."""
     port = free_port()
-    log_path = folder / "model-server.log"
+    command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port)]
     env = {**quiet_env(), "MLFLOW_TRACKING_URI": tracking_uri}
-    process = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _http_ok(f"{url}/ping"), 180, "mlflow models serve", process)
-    except Exception:
-        stop_group(process)
-        raise RuntimeError(log_path.read_text()[-3000:])
-    return ModelServer(url, process, log_path)
+    process = _start_http_server(command, env, folder / "model-server.log", "/ping", port, "mlflow models serve")
+    return ModelServer(f"http://127.0.0.1:{port}", process)
 
 
 @dataclass

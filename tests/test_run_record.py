@@ -52,8 +52,9 @@ def dataset_root(tmp_path):
 
     root = tmp_path / "imagenet-mini"
     root.mkdir()
-    (root / META_FILE).write_text(json.dumps({"num_classes": 3, "wnids": ["a", "b", "c"], "names": ["a", "b", "c"],
-                                              "num_train": 30, "num_val": 9, "resize_size": 72, "layout": "imagefolder"}))
+    meta = {"num_classes": 3, "wnids": ["a", "b", "c"], "names": ["a", "b", "c"], "num_train": 30, "num_val": 9,
+            "resize_size": 72, "layout": "imagefolder"}
+    (root / META_FILE).write_text(json.dumps(meta))
     (root / REPORT_FILE).write_text(json.dumps({"fingerprint": "f00d", "counts": {"quarantined": 0, "converted": 1}}))
     return root
 

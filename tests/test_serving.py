@@ -126,7 +126,8 @@ def _post(url: str, body: bytes) -> tuple[int, dict, str]:
 
 
 def _records(images: list[bytes], **extra) -> bytes:
-    return json.dumps({"dataframe_records": [{"image": base64.b64encode(i).decode()} for i in images], **extra}).encode()
+    records = [{"image": base64.b64encode(image).decode()} for image in images]
+    return json.dumps({"dataframe_records": records, **extra}).encode()
 
 
 @pytest.mark.integration

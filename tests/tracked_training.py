@@ -22,24 +22,11 @@ from service.train.loop import LoopOptions, Progress, TowerTraining, run_trainin
 from service.train.schedule import LRSchedule
 from service.train.setup import build_optimizer, build_tower
 from service.train.step import Normalizer, TowerStep
+# Batches whose label shows in the colour channels: a net learns them in a few steps.
+from tests.test_train_loop import _learnable_batches as learnable_batches
 
 STEP_KEYS = ("loss", "lr", "images_per_s", "data_wait_s", "epoch")  # what the loop reports per logged step
 NUM_CLASSES, IMAGE_SIZE, BATCH = 4, 64, 8
-
-
-def learnable_batches(count: int, seed: int) -> list[dict]:
-    """Batches whose label is visible in the colour channels (a net learns them in a few steps)."""
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(count):
-        labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=generator)
-        image = torch.randint(0, 40, (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), generator=generator, dtype=torch.uint8)
-        for index, label in enumerate(labels.tolist()):
-            image[index, :, :, label % 3] += 180
-            if label == 3:
-                image[index, : IMAGE_SIZE // 2] = 255
-        batches.append({"image": image, "label": labels})
-    return batches
 
 
 class TrackerHooks:
@@ -81,8 +68,9 @@ def train_with_tracker(tracker, epochs: int, steps_per_epoch: int, checkpoint_ev
         normalizer=Normalizer([60.0] * 3, [80.0] * 3, device, channels_last=False),
         groups=groups,
     )
-    train = learnable_batches(steps_per_epoch, seed)
-    val = learnable_batches(2, seed + 1)
+    shape = {"num_classes": NUM_CLASSES, "batch": BATCH, "size": IMAGE_SIZE}
+    train = learnable_batches(count=steps_per_epoch, seed=seed, **shape)
+    val = learnable_batches(count=2, seed=seed + 1, **shape)
     options = LoopOptions(epochs=epochs, log_every_steps=1, checkpoint_every_steps=checkpoint_every_steps)
     return run_training(training, lambda epoch: train, lambda epoch: val,
                         TrackerHooks(tracker, after_checkpoint), options)

@@ -62,7 +62,8 @@ def validate_evaluate_config(cfg: EvaluateConfig) -> None:
         )
     if cfg.weights and cfg.model.name != "alexnet_owt":
         raise ConfigError(
-            f"weights= holds torchvision's AlexNet, which is alexnet_owt; add model=alexnet_owt (got model.name={cfg.model.name!r})"
+            "weights= holds torchvision's AlexNet, which is alexnet_owt; add model=alexnet_owt "
+            f"(got model.name={cfg.model.name!r})"
         )
     if cfg.eval.crops not in EVAL_CROPS:
         raise ConfigError(f"eval.crops={cfg.eval.crops!r} is not allowed; choose one of {list(EVAL_CROPS)}")

@@ -65,7 +65,8 @@ class ModelActor:
 
         from service.serving.classifier import crop_probabilities
 
-        probs = crop_probabilities(self.network, self.normalizer, torch.from_numpy(np.ascontiguousarray(batch["image"])))
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+        probs = crop_probabilities(self.network, self.normalizer, images)
         labels = torch.from_numpy(batch["label"].astype(np.int64))
         top = probs.topk(min(TOP_K, probs.shape[1]), dim=1).indices
         nll = -probs.gather(1, labels.view(-1, 1)).clamp_min(1e-12).log().view(-1)

@@ -67,14 +67,17 @@ def format_report(result: EvaluationResult, wnids: list[str], names: list[str], 
     ]
     order = np.argsort(np.nan_to_num(result.per_class_accuracy, nan=2.0), kind="stable")
     shown = order if len(order) <= max_class_rows else order[:max_class_rows]
-    title = "per-class top-1 accuracy" + ("" if len(order) <= max_class_rows else
-                                          f" (the {max_class_rows} worst of {len(order)}; all in per_class_accuracy.csv)")
+    title = "per-class top-1 accuracy"
+    if len(order) > max_class_rows:
+        title += f" (the {max_class_rows} worst of {len(order)}; all in per_class_accuracy.csv)"
     lines.append(f"{title}:")
     for label in shown:
         accuracy = result.per_class_accuracy[label]
         shown_accuracy = "   n/a" if np.isnan(accuracy) else f"{100 * accuracy:5.1f}%"
-        lines.append(f"  {wnids[label]:<12} {names[label][:32]:<32} {shown_accuracy} of {result.per_class_images[label]}")
-    lines.append(f"most confused pairs (true -> predicted: images, share of the true class), {len(result.confused_pairs)} shown:")
+        images = result.per_class_images[label]
+        lines.append(f"  {wnids[label]:<12} {names[label][:32]:<32} {shown_accuracy} of {images}")
+    lines.append(f"most confused pairs (true -> predicted: images, share of the true class), "
+                 f"{len(result.confused_pairs)} shown:")
     for true, predicted, count in result.confused_pairs:
         share = count / max(1, result.per_class_images[true])
         lines.append(f"  {names[true][:28]:<28} -> {names[predicted][:28]:<28} {count:5d} ({100 * share:.1f}%)")

@@ -49,7 +49,9 @@ def _rename(state: dict[str, torch.Tensor], mapping: dict[str, str], what: str) 
     return out
 
 
-def from_torchvision(state: dict[str, torch.Tensor], image_size: int = 224) -> tuple[AlexNetSpec, dict[str, torch.Tensor]]:
+def from_torchvision(
+    state: dict[str, torch.Tensor], image_size: int = 224
+) -> tuple[AlexNetSpec, dict[str, torch.Tensor]]:
     """(spec, ReferenceAlexNet state dict) from torchvision's `alexnet().state_dict()`.
 
     The class count is read from the last layer; every shape is checked

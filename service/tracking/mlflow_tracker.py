@@ -108,7 +108,9 @@ def check_tracking_reachable(tracking_uri: str, timeout_s: int = 10) -> None:
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
         folder = Path(uri.split(":///", 1)[-1] if "://" in uri else uri).parent
         if not folder.is_dir():
-            raise TrackingUnreachable(f"MLflow store {shown}: folder {folder} does not exist; create it or fix tracking.uri")
+            raise TrackingUnreachable(
+                f"MLflow store {shown}: folder {folder} does not exist; create it or fix tracking.uri"
+            )
         return
     try:
         with _quick_http(timeout_s):
@@ -163,7 +165,8 @@ def experiment_id_for(tracking: TrackingConfig) -> tuple[str, str]:
 
 def _find_run(client, experiment_id: str, tag: str, value: str):
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1, order_by=["attributes.start_time DESC"]
+        [experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1,
+        order_by=["attributes.start_time DESC"],
     )
     return runs[0] if runs else None
 

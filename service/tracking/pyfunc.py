@@ -59,7 +59,9 @@ class AlexNetPyfunc(mlflow.pyfunc.PythonModel):
         from service.serving.preprocess import BadImage
 
         if len(images) > MAX_IMAGES_PER_REQUEST:
-            raise _invalid(f"the request holds {len(images)} images; send at most {MAX_IMAGES_PER_REQUEST} per request")
+            raise _invalid(
+                f"the request holds {len(images)} images; send at most {MAX_IMAGES_PER_REQUEST} per request"
+            )
         if not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise _invalid(f"top_k={top_k!r}; send a positive integer")
         try:
@@ -77,7 +79,8 @@ class AlexNetPyfunc(mlflow.pyfunc.PythonModel):
         elif isinstance(model_input, (list, tuple)):
             images = list(model_input)
         else:
-            raise _invalid(f"the input is a {type(model_input).__name__}; send a DataFrame with column '{IMAGE_COLUMN}'")
+            kind = type(model_input).__name__
+            raise _invalid(f"the input is a {kind}; send a DataFrame with column '{IMAGE_COLUMN}'")
         top_k = (params or {}).get("top_k", DEFAULT_TOP_K)
         return pd.DataFrame(self.classify(images, top_k), columns=list(OUTPUT_COLUMNS))
 
