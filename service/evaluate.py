@@ -38,12 +38,13 @@ class ProgressPrinter:
     """A progress line at most every `every_s` seconds (and at the end)."""
 
     def __init__(self, total: int, every_s: float = 5.0):
-        self.total, self.every_s, self.last = total, every_s, -1e9
+        self.total, self.every_s, self.last, self.shown = total, every_s, -1e9, -1
 
     def __call__(self, done: int, elapsed_s: float, final: bool = False) -> None:
-        if not final and elapsed_s - self.last < self.every_s and done < self.total:
+        due = elapsed_s - self.last >= self.every_s or done >= self.total or final
+        if not due or done == self.shown:
             return
-        self.last = elapsed_s
+        self.last, self.shown = elapsed_s, done
         rate = done / max(elapsed_s, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         say(f"{done}/{self.total} images ({100 * done / max(1, self.total):.0f}%), {rate:.0f} img/s, "

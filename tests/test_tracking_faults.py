@@ -16,6 +16,7 @@ import pytest
 from service.config import TrackingConfig
 from service.parallel.local import free_port
 from service.tracking.mlflow_tracker import TrackingUnreachable, check_tracking_reachable, open_run
+from service.tracking.resend import main as resend_main
 from service.tracking.worker_tracker import (
     WORKER_HTTP_SETTINGS, WorkerTracker, file_spill, resend_spilled,
 )
@@ -111,7 +112,7 @@ def test_server_gone_for_good_spills_unsent_points_that_resend_later(tmp_path, w
     server = start_mlflow_server(tmp_path, port=server.port)
     try:
         assert resend_spilled(server.url, spill_file.read_bytes()) == report.unsent_points
-        resend_spilled(server.url, spill_file.read_bytes())  # a second resend adds nothing
+        resend_main([server.url, str(spill_file)])  # again, through the command: adds nothing
         _assert_complete_history(mlflow.MlflowClient(server.url), handle.run_id)
     finally:
         server.stop()

@@ -20,7 +20,7 @@ from tests.tracked_training import STEP_KEYS
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
-RUNS, EPOCHS, STEPS_PER_EPOCH = 4, 2, 40
+RUNS, EPOCHS, STEPS_PER_EPOCH = 4, 2, 25
 
 
 @pytest.fixture(scope="module")
