@@ -79,8 +79,10 @@ def load_model_to_evaluate(cfg: EvaluateConfig, tracking_uri: str, workdir: Path
     if cfg.weights:
         from service.model.torchvision_weights import IMAGENET_MEAN_255, IMAGENET_STD_255, load_torchvision_file
 
-        spec, state = load_torchvision_file(cfg.weights, cfg.model.image_size)
-        return ModelToEvaluate(spec, state, f"torchvision AlexNet weights {cfg.weights} as alexnet_owt",
+        converted_spec, state = load_torchvision_file(cfg.weights, cfg.model.image_size)
+        spec = _configured_spec(cfg, converted_spec.num_classes)
+        _check_shapes(spec, state, cfg.weights)
+        return ModelToEvaluate(spec, state, f"torchvision AlexNet weights {cfg.weights} as {spec.name}",
                                mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255)
     uri = cfg.model_uri
     if uri.startswith(("runs:/", "models:/")):
@@ -93,6 +95,24 @@ def load_model_to_evaluate(cfg: EvaluateConfig, tracking_uri: str, workdir: Path
             wnids=card.wnids, model_id=model_id, source_run_id=card.provenance.get("run_id"),
         )
     return _from_checkpoint(uri, workdir, cfg.data)
+
+
+def _configured_spec(cfg: EvaluateConfig, num_classes: int) -> AlexNetSpec:
+    """The spec `model=...` describes, one tower (torchvision's layout)."""
+    from service.cli import spec_from_config  # the one place that turns a ModelConfig into a spec
+
+    return spec_from_config(cfg.model, 1, num_classes)
+
+
+def _check_shapes(spec: AlexNetSpec, state: dict[str, torch.Tensor], source: str) -> None:
+    from service.model import ReferenceAlexNet
+
+    for key, tensor in ReferenceAlexNet(spec).state_dict().items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{source}: {key} has shape {list(state[key].shape)} but model={spec.name} with these model.* "
+                f"settings expects {list(tensor.shape)}; torchvision's weights fit model.width_mult=1.0"
+            )
 
 
 def check_fits_dataset(model: ModelToEvaluate, meta: DatasetMeta) -> None:
