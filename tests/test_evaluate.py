@@ -225,3 +225,25 @@ def test_command_line_errors_are_one_line(overrides, status, message):
     assert result.returncode == status
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert result.stderr.startswith(message), result.stderr
+
+
+def test_checkpoint_folder_on_s3_loads_like_the_local_one(s3_server, tmp_path):
+    from service.evaluation.model_source import load_model_to_evaluate
+    from tests.model_support import train_checkpoint
+
+    folder = tmp_path / "checkpoint_000001"
+    train_checkpoint(folder, steps=1)
+    bucket = s3_server.create_bucket()
+    for path in folder.iterdir():
+        s3_server.client().upload_file(str(path), bucket, f"runs/r1/checkpoint_000001/{path.name}")
+    s3_keys = [f"data.s3_endpoint={s3_server.endpoint_url}", f"data.s3_access_key={s3_server.access_key}",
+               f"data.s3_secret_key={s3_server.secret_key}", "data.root=/unused"]
+    remote = load_model_to_evaluate(_config([f"model_uri=s3://{bucket}/runs/r1/checkpoint_000001", *s3_keys]),
+                                    "sqlite:///unused.db", tmp_path / "work")
+    local = load_model_to_evaluate(_config([f"model_uri={folder}", "data.root=/unused"]), "sqlite:///unused.db",
+                                   tmp_path / "work-local")
+    assert remote.spec == local.spec and remote.state.keys() == local.state.keys()
+    assert all(torch.equal(remote.state[k], local.state[k]) for k in local.state)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        load_model_to_evaluate(_config([f"model_uri=s3://{bucket}/runs/absent", *s3_keys]), "sqlite:///unused.db",
+                               tmp_path / "work-absent")
