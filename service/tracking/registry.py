@@ -2,7 +2,8 @@
 
 `log_trained_model` turns a checkpoint folder (the run's best, by validation
 error) into the pyfunc of `service.tracking.pyfunc`, logs it as the run's
-LoggedModel "model" with its epoch's validation metrics, registers a version
+LoggedModel "model" at its checkpoint's step (MLflow then shows that step's
+metrics, the epoch's validation figures, on the model), registers a version
 and moves the alias (default "best") to the version with the lowest
 `val_top1_error`. `fetch_model_files` does the reverse for evaluation: any
 `runs:/`, `models:/` URI -> the card, the weights and the LoggedModel id.
@@ -10,15 +11,12 @@ and moves the alias (default "best") to the version with the lowest
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 from service.config import TrackingConfig
 from service.tracking.mlflow_tracker import RunHandle, client_for
-
-log = logging.getLogger(__name__)
 
 VAL_ERROR_TAG = "val_top1_error"
 MODEL_NAME = "model"  # the LoggedModel's name in its run: runs:/<run id>/model
@@ -91,38 +89,20 @@ def log_trained_model(
                 registered_model_name=tracking.registered_model or None,
                 params={"architecture": spec.name, "towers": str(spec.towers), "num_classes": str(spec.num_classes),
                         "image_size": str(spec.image_size), "resize_size": str(resize_size), "crops": str(crops)},
+                # MLflow attaches the run's metrics at this step (the epoch's
+                # validation figures) to the LoggedModel.
                 step=int(progress.get("step") or 0),
             )
-    client = client_for(handle.tracking_uri)
-    _link_epoch_metrics(client, handle.run_id, info.model_id, int(progress.get("step") or 0))
     if not tracking.registered_model:
         return None
     version = str(info.registered_model_version)
+    client = client_for(handle.tracking_uri)
     error = metrics.get("val_top1_error")
     if error is not None:
         client.set_model_version_tag(tracking.registered_model, version, VAL_ERROR_TAG, f"{error:.6f}")
     if _is_best(client, tracking, error):
         client.set_registered_model_alias(tracking.registered_model, tracking.best_alias, version)
     return version
-
-
-def _link_epoch_metrics(client, run_id: str, model_id: str, step: int) -> None:
-    """Show the checkpoint epoch's validation metrics on the LoggedModel.
-
-    The run's own points are re-logged with the model id: identical (key,
-    value, timestamp, step), so the run's history gets no second point.
-    """
-    from mlflow.entities import Metric
-
-    linked = []
-    for key in MODEL_METRICS:
-        for point in client.get_metric_history(run_id, key):
-            if point.step == step:
-                linked.append(Metric(key, point.value, point.timestamp, point.step, model_id=model_id))
-    if linked:
-        client.log_batch(run_id, metrics=linked)
-    else:
-        log.warning("no validation metrics at step %d in run %s to show on model %s", step, run_id, model_id)
 
 
 def _is_best(client, tracking: TrackingConfig, error: Optional[float]) -> bool:
