@@ -1,7 +1,10 @@
-"""Real servers for the integration tests: a Ray head and an MLflow server.
+"""Real servers for the integration tests: a Ray head, an MLflow tracking
+server (sqlite or PostgreSQL backend), PostgreSQL itself and an MLflow model
+server (`mlflow models serve`).
 
 Each binds 127.0.0.1 on a free port, is polled (never slept on) until it
-answers, and is stopped by the PID we started.
+answers, and is stopped by the PID we started (the process group we started,
+for servers that fork workers).
 """
 
 from __future__ import annotations
@@ -51,14 +54,32 @@ def quiet_env() -> dict:
     return env
 
 
-def stop(process: subprocess.Popen, timeout_s: float = 30) -> None:
+def stop(process: subprocess.Popen, timeout_s: float = 30, sig: int = signal.SIGTERM) -> None:
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def stop_group(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Stop a server started with `start_new_session=True` and the workers it
+    forked: its own process group (pgid = its PID), nothing else."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    try:  # workers that outlived the parent
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @dataclass
@@ -139,37 +160,132 @@ def _http_ok(url: str, env: dict | None = None) -> bool:
         return False
 
 
+def _start_http_server(command: list[str], env: dict, log_path: Path, ready_path: str, port: int,
+                       what: str) -> subprocess.Popen:
+    """Start `command` in a process group of its own; poll http://127.0.0.1:<port><ready_path>."""
+    process = subprocess.Popen(command, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        wait_until(lambda: _http_ok(f"http://127.0.0.1:{port}{ready_path}"), 180, what, process)
+    except Exception:
+        stop_group(process)
+        raise RuntimeError(f"{what} did not start:\n{log_path.read_text()[-3000:]}")
+    return process
+
+
 @dataclass
 class MlflowServer:
     url: str
     process: subprocess.Popen
+    port: int = 0
 
     def stop(self) -> None:
-        stop(self.process)
+        stop_group(self.process)
 
 
-def start_mlflow_server(folder: Path) -> MlflowServer:
-    """`mlflow server` with a sqlite backend, serving artifacts itself."""
+def start_mlflow_server(
+    folder: Path, backend_store_uri: str | None = None, port: int | None = None, workers: int = 1
+) -> MlflowServer:
+    """`mlflow server` serving artifacts itself; backend sqlite in `folder`
+    unless `backend_store_uri` is given. Pass `port` to restart a stopped
+    server at the same address."""
+    port = port or free_port()
+    command = [
+        str(VENV_BIN / "mlflow"), "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination", str(folder / "artifacts"),
+        "--workers", str(workers),
+    ]
+    process = _start_http_server(command, quiet_env(), folder / "mlflow-server.log", "/health", port, "mlflow server")
+    return MlflowServer(f"http://127.0.0.1:{port}", process, port)
+
+
+@dataclass
+class ModelServer:
+    url: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        stop_group(self.process)
+
+
+def start_model_server(model_uri: str, tracking_uri: str, folder: Path) -> ModelServer:
+    """`mlflow models serve -m <model_uri> --env-manager local` on 127.0.0.1 (the
+    command `make serve` runs), with this venv's `service` package importable."""
     port = free_port()
-    log = open(folder / "mlflow-server.log", "wb")
-    process = subprocess.Popen(
-        [
-            str(VENV_BIN / "mlflow"), "server",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-            "--artifacts-destination", str(folder / "artifacts"),
-            "--workers", "1",
-        ],
-        env=quiet_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port)]
+    env = {**quiet_env(), "MLFLOW_TRACKING_URI": tracking_uri}
+    process = _start_http_server(command, env, folder / "model-server.log", "/ping", port, "mlflow models serve")
+    return ModelServer(f"http://127.0.0.1:{port}", process)
+
+
+@dataclass
+class Postgres:
+    uri: str
+    process: subprocess.Popen
+    folder: Path
+
+    def stop(self) -> None:
+        import shutil
+
+        stop(self.process, sig=signal.SIGINT)  # "fast" shutdown: ends sessions, then exits
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def postgres_bin() -> Path | None:
+    """The folder of Debian's PostgreSQL server binaries (initdb, postgres), if installed."""
+    import shutil
+
+    found = shutil.which("initdb")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return candidates[-1].parent if candidates else None
+
+
+def start_postgres() -> Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (trust auth, user `mlflow`)
+    in its own temp folder, removed by `stop()`.
+
+    PostgreSQL refuses to run as root: as root (CI) the cluster belongs to,
+    and runs as, the `postgres` system user Debian's package creates (hence a
+    folder directly under /tmp: pytest's own temp tree is private to root).
+    """
+    import pwd
+    import tempfile
+
+    binaries = postgres_bin()
+    if binaries is None:
+        raise FileNotFoundError("PostgreSQL server binaries not found (apt-get install postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))
+    data, sockets = folder / "pgdata", folder / "pgsock"
+    sockets.mkdir(parents=True, exist_ok=True)
+    user = {}
+    if os.geteuid() == 0:
+        account = pwd.getpwnam("postgres")
+        user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+        os.chown(folder, account.pw_uid, account.pw_gid)
+        os.chown(sockets, account.pw_uid, account.pw_gid)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    result = subprocess.run(
+        [str(binaries / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        capture_output=True, text=True, timeout=180, env=env, cwd=folder, **user,
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _http_ok(f"{url}/health"), 120, "mlflow server", process)
-    except Exception:
-        stop(process)
-        raise RuntimeError((folder / "mlflow-server.log").read_text()[-3000:])
-    return MlflowServer(url, process)
+    if result.returncode != 0:
+        raise RuntimeError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+    port = free_port()
+    log_path = folder / "postgres.log"
+    process = subprocess.Popen(
+        [str(binaries / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port),
+         "-k", str(sockets), "-c", "fsync=off", "-c", "max_connections=100"],
+        stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True, **user,
+    )
+    ready = binaries / "pg_isready"
+    wait_until(
+        lambda: subprocess.run([str(ready), "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode == 0,
+        60, "postgres", process,
+    )
+    return Postgres(f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/postgres", process, folder)

@@ -1,4 +1,4 @@
-"""Figures logged to MLflow: conv1 kernels per tower and learning curves."""
+"""Figures logged to MLflow: conv1 kernels per tower, learning curves, evaluation results."""
 
 from __future__ import annotations
 
@@ -64,6 +64,33 @@ def learning_curves_png(history: dict[str, list[tuple[int, float]]]) -> bytes:
     error_axis.set_ylim(0, 1)
     error_axis.set_title("error")
     error_axis.legend()
+    return _png(figure)
+
+
+def evaluation_png(per_class_accuracy, names: list[str], confused_pairs: list[tuple[int, int, int]],
+                   title: str = "") -> bytes:
+    """Per-class top-1 accuracy (sorted) and the most confused (true -> predicted) class pairs."""
+    import numpy as np
+
+    accuracy = np.asarray(per_class_accuracy, dtype=float)
+    figure, (class_axis, pair_axis) = plt.subplots(1, 2, figsize=(13, max(4.0, 0.28 * len(confused_pairs) + 1.5)))
+    order = np.argsort(np.nan_to_num(accuracy, nan=-1.0))
+    if len(accuracy) <= 40:
+        class_axis.barh([names[i][:24] for i in order], accuracy[order], color="tab:blue")
+        class_axis.set_xlim(0, 1)
+        class_axis.tick_params(axis="y", labelsize=7)
+    else:  # 1000 classes: the sorted curve says more than 1000 bars
+        class_axis.plot(np.arange(len(order)), accuracy[order])
+        class_axis.set_xlabel("classes, sorted")
+        class_axis.set_ylim(0, 1)
+    class_axis.set_title("per-class top-1 accuracy")
+    labels = [f"{names[t][:20]} -> {names[p][:20]}" for t, p, _ in confused_pairs][::-1]
+    counts = [count for _, _, count in confused_pairs][::-1]
+    pair_axis.barh(labels, counts, color="tab:red")
+    pair_axis.tick_params(axis="y", labelsize=7)
+    pair_axis.set_title(f"{len(confused_pairs)} most confused pairs (images)")
+    if title:
+        figure.suptitle(title)
     return _png(figure)
 
 
