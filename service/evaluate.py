@@ -74,7 +74,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.tracking.enabled or cfg.model_uri.startswith(("runs:/", "models:/")):
         check_tracking_reachable(tracking_uri)
     data_cfg = _resolved_data(cfg)
-    s3 = storage.S3Settings.from_data_config(data_cfg)
+    s3 = storage.S3Settings.from_fields(data_cfg)
     meta = load_meta(data_cfg.root, s3)  # a missing dataset fails before Ray starts
     with tempfile.TemporaryDirectory(prefix="alexnet-eval-") as workdir:
         model = load_model_to_evaluate(cfg, tracking_uri, Path(workdir))

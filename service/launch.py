@@ -101,7 +101,7 @@ def train(cfg: Config, parent=None) -> dict:
     if cfg.tracking.enabled:
         from service.tracking import mlflow_tracker
 
-        mlflow_tracker.check_tracking_reachable(mlflow_tracker.resolve_tracking_uri(cfg.tracking.uri))
+        mlflow_tracker.check_tracking_reachable(cfg.tracking.uri)
     storage_path, filesystem = storage_location(cfg)
     point = find_resume_point(filesystem or pafs.LocalFileSystem(), f"{storage_path}/{name}")
     ray_cluster.connect(cfg)
@@ -126,8 +126,13 @@ def train(cfg: Config, parent=None) -> dict:
     ray_cluster.warn_if_short(cfg, decode)
     handle, last_logged = None, -1
     if cfg.tracking.enabled:
-        handle = mlflow_tracker.open_run(cfg.tracking, name, config_dict, parent=parent)
-        last_logged = mlflow_tracker.last_logged_step(handle) if handle.resumed else -1
+        from service.tracking.run_record import read_dataset_record
+
+        dataset = read_dataset_record(data_cfg.root, storage.S3Settings.from_fields(data_cfg))
+        handle = mlflow_tracker.open_run(cfg.tracking, name, config_dict, parent=parent, dataset=dataset)
+        if handle.resumed:
+            logged = mlflow_tracker.metric_history(handle, ["loss", "val_top1_error"])
+            last_logged = max((step for points in logged.values() for step, _ in points), default=-1)
         print(f"[mlflow] {'resumed' if handle.resumed else 'started'} run {handle.run_id} ({name})", flush=True)
     payload = ray_train.WorkerPayload(
         run_name=name,
@@ -148,6 +153,8 @@ def train(cfg: Config, parent=None) -> dict:
         allow_cross_node_towers=cfg.parallel.allow_cross_node_towers,
         use_gpu=cfg.cluster.use_gpu,
         resume_from=_as_ray_checkpoint(point),
+        run_folder=f"{storage_path}/{name}",
+        storage_filesystem=filesystem,
         mlflow=handle,
         system_metrics=cfg.tracking.system_metrics,
         last_logged_step=last_logged,
@@ -178,7 +185,7 @@ def train(cfg: Config, parent=None) -> dict:
     if best is not None:
         summary["best_checkpoint"] = best.path
     if handle:
-        summary.update(_finish_tracking(cfg, handle, best, source.meta, summary))
+        summary.update(_finish_tracking(cfg, handle, best, source.meta, data_cfg))
     return summary
 
 
@@ -211,9 +218,10 @@ def checkpoint_metrics(folder: str) -> dict:
     return {**progress.get("metrics", {}), "epoch": progress["epoch"], "step": progress["step"]}
 
 
-def _finish_tracking(cfg: Config, handle, best, meta, summary: dict) -> dict:
-    """Learning curves, the best checkpoint as the registered model, final status."""
+def _finish_tracking(cfg: Config, handle, best, meta, data_cfg) -> dict:
+    """Learning curves, the best checkpoint as the registered, servable model, final status."""
     from service.tracking import figures, mlflow_tracker
+    from service.tracking.registry import log_trained_model
 
     out = {"mlflow_run_id": handle.run_id, "ui": handle.ui_hint()}
     history = mlflow_tracker.metric_history(
@@ -224,7 +232,8 @@ def _finish_tracking(cfg: Config, handle, best, meta, summary: dict) -> dict:
     if best is not None:
         with best.as_directory() as folder:
             best_metrics = checkpoint_metrics(folder)
-            version = mlflow_tracker.log_trained_model(handle, folder, meta, cfg.tracking, best_metrics)
+            version = log_trained_model(handle, folder, meta, cfg.tracking, best_metrics,
+                                        resize_size=data_cfg.resize_size, crops=data_cfg.eval_crops)
         out["best_epoch"] = best_metrics["epoch"]
         out["best_val_top1_error"] = best_metrics.get("val_top1_error")
         if version:
@@ -309,5 +318,8 @@ def run_job(cfg: Config) -> int:
 
 
 def main() -> None:
+    from service.ray_cluster import quiet_ray_logging
+
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_ray_logging()
     hydra_app.run(hydra_app.CONFIG_NAME, Config, validate_config, run_job)

@@ -19,7 +19,7 @@ from service.config import Config
 
 # The one switch that brings Ray's internal logging back (documented in the README).
 VERBOSE_ENV = "ALEXNET_RAY_VERBOSE"
-QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow")
 
 
 def ray_verbose() -> bool:
@@ -35,6 +35,13 @@ def quiet_ray_logging() -> None:
         return
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Train logs "Reporting training result ..." through a logger named
+    # after its file path, which only the root logger's level governs.
+    logging.getLogger().setLevel(logging.WARNING)
+    # Ray Data warns once that the progress bars it was told to hide are hidden.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # MLflow sets its own logger's level when first imported; this is its switch.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         from ray.data import DataContext
 
@@ -69,7 +76,10 @@ def connect(cfg: Config) -> None:
         need = training_cpus(cfg) + max(cfg.data.decode_concurrency, cfg.parallel.replicas)
         num_cpus = int(max(4, os.cpu_count() or 1, math.ceil(need)))
         env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=False, **runtime)
+        # The dashboard serves Ray's state API, which Ray Train's placement-group
+        # cleaner polls (it warns every second without it); bound to loopback.
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=True,
+                 dashboard_host="127.0.0.1", **runtime)
     quiet_ray_logging()
 
 

@@ -26,14 +26,15 @@ from typing import Any, Optional
 
 import ray
 import ray.train
+import ray.train.collective
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from service.parallel.batches import replica_batches
 from service.parallel.placement import check_tower_placement
-from service.ray_cluster import quiet_ray_logging
+from service.ray_cluster import quiet_ray_logging, ray_verbose
 from service.resume import checkpoint_dir_name
 from service.train import checkpoint as ckpt
 from service.train.build import TowerTraining, TrainingOptions, build_training, rank_groups
@@ -67,6 +68,9 @@ class WorkerPayload:
     system_metrics: bool = True
     # -- Metrics at steps <= this were already sent to MLflow; never resend.
     last_logged_step: int = -1
+    # -- Where this run's checkpoints go (metrics MLflow never took are spilled there).
+    run_folder: str = ""
+    storage_filesystem: Any = None
     # -- Test-only fault injection (ALEXNET_TEST_CRASH_IN_CHECKPOINT=<step>): the
     #    last tower of replica 0 dies halfway through uploading its shard.
     crash_in_checkpoint_at_step: int = -1
@@ -90,6 +94,10 @@ def build_trainer(payload: WorkerPayload, storage_path: str, filesystem, keep_ch
                 num_to_keep=keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="min"
             ),
             failure_config=FailureConfig(max_failures=max_failures),
+            # Ray Train's own INFO lines ("Reporting training result ...") and
+            # its controller's transient warnings stay off the console unless
+            # ALEXNET_RAY_VERBOSE=1; the service prints its own progress.
+            logging_config=LoggingConfig(log_level="INFO" if ray_verbose() else "ERROR"),
         ),
     )
 
@@ -157,7 +165,7 @@ class RayHooks:
         if self.tracker and progress.step > self.payload.last_logged_step:
             from service.tracking.figures import conv1_kernels_png
 
-            self._track(metrics, progress.step)
+            self.tracker.add(metrics, progress.step, epoch=progress.epoch)
             png = conv1_kernels_png(conv1_weight, self.groups.layout.towers, f"conv1 after epoch {progress.epoch}")
             self.tracker.log_png(png, f"figures/conv1_epoch{progress.epoch:03d}.png")
 
@@ -200,6 +208,7 @@ class RayHooks:
             "replicas": training.layout.replicas,
             "towers": training.layout.towers,
             "spec": ckpt.spec_to_dict(training.spec),
+            "resize_size": self.payload.data.resize_size,  # evaluation geometry for service.evaluate
             "config": self.payload.config,
             **self.payload.facts,
             "mlflow_run_id": self.payload.mlflow.run_id if self.payload.mlflow else None,
@@ -297,12 +306,31 @@ def _epoch_batches(payload: WorkerPayload, groups, device: torch.device, split: 
     return for_epoch
 
 
-def _tracker(payload: WorkerPayload, rank: int):
-    if rank != 0 or payload.mlflow is None:
-        return None
-    from service.tracking.mlflow_tracker import WorkerTracker
+def _start_tracking(payload: WorkerPayload, rank: int):
+    """(rank 0's metric tracker, this node's system-metrics stopper); either may be None."""
+    if payload.mlflow is None:
+        return None, None
+    from service.tracking.worker_tracker import WorkerTracker, start_node_system_metrics
 
-    return WorkerTracker(payload.mlflow, payload.system_metrics)
+    context = ray.train.get_context()
+    stop_system = None
+    if payload.system_metrics and context.get_local_rank() == 0:  # one sampler per node
+        stop_system = start_node_system_metrics(payload.mlflow, node_id=f"node{context.get_node_rank()}")
+    tracker = WorkerTracker(payload.mlflow, system_metrics=False) if rank == 0 else None
+    return tracker, stop_system
+
+
+def _stop_tracking(payload: WorkerPayload, tracker, stop_system) -> None:
+    """Send what MLflow can still take; write what it cannot next to the checkpoints."""
+    if tracker:
+        from service.tracking.worker_tracker import file_spill
+
+        report = tracker.close(spill=file_spill(payload.run_folder, payload.mlflow.run_id, payload.storage_filesystem))
+        if report.unsent_points or report.unsent_artifacts:
+            say(f"[mlflow] {report.unsent_points} metric points and {report.unsent_artifacts} figures were not sent; "
+                f"written under {payload.run_folder} (python -m service.tracking.resend)")
+    if stop_system:
+        stop_system()
 
 
 def train_worker(config: dict) -> None:
@@ -319,7 +347,7 @@ def train_worker(config: dict) -> None:
     total_steps = loop.steps_per_epoch * loop.epochs
     if loop.max_steps:
         total_steps = min(total_steps, loop.max_steps)
-    tracker = _tracker(payload, groups.rank)
+    tracker, stop_system = _start_tracking(payload, groups.rank)
     hooks = RayHooks(payload, training, tracker, total_steps)
     try:
         run_training(
@@ -331,5 +359,4 @@ def train_worker(config: dict) -> None:
             start,
         )
     finally:
-        if tracker:
-            tracker.close()
+        _stop_tracking(payload, tracker, stop_system)

@@ -45,7 +45,7 @@ def _download_folder(uri: str, destination: Path, data_cfg) -> Path:
 
     from service.data import storage
 
-    filesystem, base = storage.arrow_filesystem(uri, storage.S3Settings.from_data_config(data_cfg))
+    filesystem, base = storage.arrow_filesystem(uri, storage.S3Settings.from_fields(data_cfg))
     info = filesystem.get_file_info(base)
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"model_uri={uri}: no such checkpoint folder")
@@ -99,9 +99,9 @@ def load_model_to_evaluate(cfg: EvaluateConfig, tracking_uri: str, workdir: Path
 
 def _configured_spec(cfg: EvaluateConfig, num_classes: int) -> AlexNetSpec:
     """The spec `model=...` describes, one tower (torchvision's layout)."""
-    from service.cli import spec_from_config  # the one place that turns a ModelConfig into a spec
+    from service.train.build import spec_for  # the one place that turns a ModelConfig into a spec
 
-    return spec_from_config(cfg.model, 1, num_classes)
+    return spec_for(cfg.model, 1, num_classes)
 
 
 def _check_shapes(spec: AlexNetSpec, state: dict[str, torch.Tensor], source: str) -> None:
