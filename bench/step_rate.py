@@ -120,20 +120,29 @@ def _options(spec: AlexNetSpec, mode: str, steps: int) -> TrainingOptions:
     )
 
 
-def reference_training(options: TrainingOptions, device: torch.device) -> TowerTraining:
-    """The one-process two-tower reference, wired like `build_training` wires a tower."""
+def _one_process_training(model: torch.nn.Module, step_spec: AlexNetSpec, options: TrainingOptions,
+                          device: torch.device) -> TowerTraining:
+    """`model` in the service's step, optimizer, schedule and normaliser, wired as
+    `build_training` wires a tower (which only builds towers of a process group)."""
     recipe = options.recipe
     configure_device(device, recipe)
-    torch.manual_seed(options.seed)
-    model = ReferenceAlexNet(options.spec).to(device)
+    model = model.to(device)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = single_process_groups(options.layout)
-    step_options = StepOptions(bf16=recipe.bf16, channels_last=recipe.channels_last, compile=options.compile)
-    # towers=1 view for the step: the reference holds every tower, so its loss needs no 1/towers.
+    # The same StepOptions build_training derives from the recipe.
+    step_options = StepOptions(bf16=recipe.bf16, channels_last=recipe.channels_last,
+                               label_smoothing=recipe.label_smoothing, compile=options.compile)
     step = TowerStep(model, build_optimizer(model, options.base_lr, recipe.momentum, recipe.weight_decay),
-                     replace(options.spec, towers=1), groups, step_options)
+                     step_spec, groups, step_options)
     return TowerTraining(step, build_schedule(options), Normalizer(options.mean, options.std, device, recipe.channels_last), groups)
+
+
+def reference_training(options: TrainingOptions, device: torch.device) -> TowerTraining:
+    """The one-process two-tower reference in the service's step."""
+    torch.manual_seed(options.seed)
+    # towers=1 view for the step: the reference holds every tower, so its loss needs no 1/towers.
+    return _one_process_training(ReferenceAlexNet(options.spec), replace(options.spec, towers=1), options, device)
 
 
 def _standin_exchange(towers: int):
@@ -145,18 +154,10 @@ def _standin_exchange(towers: int):
 
 def lone_tower_training(options: TrainingOptions, device: torch.device) -> TowerTraining:
     """Tower 0 of `options.spec.towers`, alone, with the stand-in exchange (timing only)."""
-    recipe = options.recipe
-    configure_device(device, recipe)
     torch.manual_seed(options.seed)
     # PyTorch's default init: the values do not change the speed.
-    model = AlexNetTower(options.spec, 0, _standin_exchange(options.spec.towers)).to(device)
-    if recipe.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    groups = single_process_groups(options.layout)
-    step_options = StepOptions(bf16=recipe.bf16, channels_last=recipe.channels_last, compile=options.compile)
-    step = TowerStep(model, build_optimizer(model, options.base_lr, recipe.momentum, recipe.weight_decay),
-                     options.spec, groups, step_options)
-    return TowerTraining(step, build_schedule(options), Normalizer(options.mean, options.std, device, recipe.channels_last), groups)
+    tower = AlexNetTower(options.spec, 0, _standin_exchange(options.spec.towers))
+    return _one_process_training(tower, options.spec, options, device)
 
 
 def build(plan: RowPlan, device: torch.device, steps: int, shape: Shape) -> TowerTraining:
