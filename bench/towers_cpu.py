@@ -18,7 +18,8 @@ alternate for `--rounds` rounds (A B A B ...), so a drift in machine speed
 hits both; each round gives a ratio of medians and the table reports the
 median round. `--profile` adds the time of each exchange's collective alone on
 the same processes (gloo on loopback), to show what communication costs per
-step. Writes bench/results/towers_cpu.json.
+step, and the reference at the towers' thread count, which splits the ratio
+into the reference's thread scaling and the tower split's efficiency. Writes bench/results/towers_cpu.json.
 """
 
 from __future__ import annotations
@@ -186,6 +187,14 @@ def main() -> None:
         }
         if args.profile:
             row["collectives"] = collective_profile(spec_kwargs, batch, max(1, cores // TOWERS))
+            # The ratio, taken apart: how well the reference uses `cores` threads
+            # vs cores/towers, and how close the towers come to 1/towers of the
+            # reference's work each at the same thread count (less sensitive to
+            # other load: a busy machine hurts multi-threaded OpenMP most).
+            narrow = statistics.median(reference_step_times(spec_kwargs, batch, steps, args.warmup, max(1, cores // TOWERS)))
+            row["reference_step_s_at_tower_threads"] = narrow
+            row["reference_thread_scaling"] = narrow / reference
+            row["tower_split_efficiency"] = narrow / (TOWERS * towers)
         rows.append(row)
     header = f"{'config':<42} {'batch':>5} {'reference img/s':>16} {'2 towers img/s':>15} {'ratio':>6}"
     print(f"\ntower-parallel (2 processes, gloo, build_training) vs reference (1 process, TowerStep), {cores} cores, "
@@ -201,6 +210,9 @@ def main() -> None:
             print(f"    {profile['collectives_per_step']} collectives per step take {profile['per_step_ms']:.1f} ms alone "
                   f"(empty all-reduce {profile['empty_all_reduce_ms']:.2f} ms); tower step {1000 * row['towers_step_s']:.1f} ms, "
                   f"half the reference step {500 * row['reference_step_s']:.1f} ms")
+            print(f"    reference at {max(1, cores // TOWERS)} thread(s) {1000 * row['reference_step_s_at_tower_threads']:.1f} ms: "
+                  f"thread scaling x{row['reference_thread_scaling']:.2f}, tower split efficiency {row['tower_split_efficiency']:.2f} "
+                  f"(ratio ~ {TOWERS} x efficiency / scaling)")
             for item in profile["exchanges"]:
                 backward = f", reduce-scatter {item['reduce_scatter_ms']:.2f} ms" if "reduce_scatter_ms" in item else ""
                 print(f"      {item['exchange']:<20} {item['bytes_per_tower'] / 1e3:>8.1f} kB: all-gather {item['all_gather_ms']:.2f} ms{backward}")

@@ -102,3 +102,28 @@ def test_layouts_that_cannot_exist_are_refused():
         Layout(3, 2, nodes=2)
     with pytest.raises(ValueError, match="no CPUs left to decode"):
         Node(16, 2, 0, 1000.0, 1.0).decode_images_per_s(8)
+
+
+def test_project_writes_the_rows_the_readme_table_needs(tmp_path):
+    """bench/project.py end to end, on given rates (no files, no measuring)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "projection.json"
+    result = subprocess.run(
+        [sys.executable, str(root / "bench" / "project.py"), "--decode-per-core", "1000", "--t1-images-per-s", "15000",
+         "--gpu-bench", str(tmp_path / "none.json"), "--input-pipeline", str(tmp_path / "none.json"), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    main = [(row["layout"], row["nodes"], row["gpus_per_node"]) for row in rows if row["main_table"]]
+    assert main == [("1x2", 1, 2), ("4x2", 1, 8), ("1x8", 1, 8), ("16x8", 16, 8)]
+    for row in rows:
+        assert {"images_per_s", "hours_90_epochs", "bottleneck", "measured"} <= set(row)
+        assert row["hours_90_epochs"] == pytest.approx(EPOCH_IMAGES * EPOCHS / row["images_per_s"] / 3600)
+        assert row["measured"]["decode_per_cpu"] == "given on the command line"
+        assert row["measured"]["tower_step"].startswith(("given", "scaled"))
