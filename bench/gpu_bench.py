@@ -212,6 +212,10 @@ def main() -> None:
         compile_batches = [int(b) for b in args.compile_batches.split(",") if b]
         compile_on = not args.no_compile
         args.shape = PAPER
+    # Decode first: its worker processes fork from this one before CUDA is touched.
+    processes = [1, 2] if args.dry_run else None
+    decode = _section("decode", lambda: decode_rate.measure(32 if args.dry_run else 256, processes, args.decode_seconds), log)
+    log("decode done")
     env = environment(device)
     peaks, peak_source = device_peaks(env["device"])
     if args.peak_bf16_tflops or args.peak_fp32_tflops:
@@ -240,11 +244,8 @@ def main() -> None:
         record["total_s"] = time.monotonic() - started
         out.write_text(json.dumps(record, indent=2, default=str))
 
-    # Decode first: its worker processes fork from this one before CUDA is touched.
-    processes = [1, 2] if args.dry_run else None
-    record["decode"] = _section("decode", lambda: decode_rate.measure(32 if args.dry_run else 256, processes, args.decode_seconds), log)
+    record["decode"] = decode
     save()
-    log("decode done")
     record["copy"] = _section("copy", lambda: copy_rate.measure(device, batch=copy_batch, copies=3 if args.dry_run else 20), log)
     save()
     log("copies done")
