@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# One short, prepared GPU check (the device machines have torch but no Ray,
-# MLflow or Hydra): the paper-config training step, fp32 vs bf16+channels_last.
-#   bash bench/gpu.sh            (writes bench/results/gpu_step.json, or $OUT/ when set)
+# The one prepared GPU check: the paper network on one GPU through the
+# service's wiring (step rates, MFU, host->device copies, JPEG decode per
+# core). Needs only torch, numpy and Pillow (the device machines have no Ray,
+# MLflow or Hydra). About 4-5 minutes on an H100/H200; rows that would not fit
+# in --budget-s (default 290 s) are skipped, and the hard timeout below keeps
+# the JSON written so far (it is saved after every row).
+#   OUT=/some/dir bash bench/gpu.sh      -> $OUT/gpu_bench.json (else bench/results/)
+#   bash bench/gpu.sh --no-compile       extra arguments go to bench/gpu_bench.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv || true
 out=${OUT:-bench/results}
-PYTHONUNBUFFERED=1 python bench/gpu_step.py --steps 20 --warmup 5 --out "$out/gpu_step.json"
+PYTHONUNBUFFERED=1 timeout --signal=INT --kill-after=15 340 "${PYTHON:-python}" bench/gpu_bench.py --out "$out" "$@"

@@ -1,0 +1,78 @@
+"""bench/gpu_bench.py: its CPU dry run, with what the GPU machines lack made unimportable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.gpu_bench import device_peaks, plan_rows
+from bench.step_rate import MODELS, TOWER_MODELS
+
+ROOT = Path(__file__).resolve().parent.parent
+# Not on the GPU machines (Python 3.12, torch, numpy, Pillow, pyarrow, torchvision only).
+ABSENT = ("ray", "mlflow", "hydra", "omegaconf", "yaml", "boto3", "botocore", "psutil", "scipy")
+
+_RUN_WITHOUT = """
+import runpy, sys
+absent = set(sys.argv[1].split(","))
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in absent:
+            raise ImportError(f"{name} is not installed on the GPU machine")
+        return None
+
+sys.meta_path.insert(0, Absent())
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("name,bf16", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4),
+    ("NVIDIA H200 NVL", 835.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+])
+def test_peak_is_looked_up_by_device_name(name, bf16):
+    peaks, source = device_peaks(name)
+    assert peaks["bf16"] == bf16
+    assert "datasheet" in source
+
+
+def test_unknown_device_has_no_peak_and_says_how_to_give_one():
+    peaks, source = device_peaks("cpu (x86_64)")
+    assert peaks is None and "--peak-bf16-tflops" in source
+
+
+def test_compile_rows_come_after_every_eager_row():
+    plans = plan_rows([128, 256, 512], [256], True, 256)
+    modes = [plan.mode for plan in plans]
+    assert modes.index("bf16+cl+compile") == len(plans) - len(MODELS)
+    assert len(plans) == len(MODELS) * 3 * 2 + len(TOWER_MODELS) + len(MODELS)
+
+
+def test_dry_run_needs_only_torch_numpy_pillow(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN_WITHOUT, ",".join(ABSENT), str(ROOT / "bench" / "gpu_bench.py"),
+         "--dry-run", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    record = json.loads((tmp_path / "gpu_bench_dry_run.json").read_text())
+    assert record["dry_run"] and record["complete"]
+    steps = {(row["model"], row["mode"]): row for row in record["steps"]}
+    for model in MODELS:
+        for mode in ("fp32", "bf16+cl"):
+            row = steps[(model, mode)]
+            assert "error" not in row, row.get("traceback")
+            assert row["images_per_s"] > 0 and row["train_gflop_per_image"] > 0
+    for model in TOWER_MODELS:
+        assert steps[(model, "bf16+cl")]["images_per_s"] > 0
+    decode = record["decode"]["result"]
+    # service.data's transform code imported without Ray: the measured code is the service's.
+    assert decode["transform_code"] == "service.data.transforms"
+    assert decode["per_core_images_per_s"] > 0 and [r["processes"] for r in decode["scaling"]] == [1, 2]
+    assert record["copy"]["result"][0]["gb_per_s"] > 0
