@@ -21,8 +21,8 @@ from service.parallel.layout import ParallelLayout
 from service.serving.classifier import crop_probabilities
 from service.serving.preprocess import preprocess
 from service.train import checkpoint as ckpt
-from service.train.setup import build_optimizer, build_tower
-from service.train.step import Normalizer, TowerStep, topk_correct
+from service.train.build import build_optimizer, build_tower
+from service.train.step import Normalizer, TowerStep, topk_hits
 
 COLORS = [(210, 50, 40), (40, 190, 60), (50, 60, 210)]
 WNIDS = ["n00000001", "n00000002", "n00000003"]
@@ -92,10 +92,10 @@ def _train_checkpoint(folder: Path, steps: int, seed: int) -> dict:
     val_jpegs, val_labels = class_jpegs(8, first_seed=100)
     val = torch.from_numpy(preprocess(val_jpegs, RESIZE_SIZE, IMAGE_SIZE, 1))
     probs = crop_probabilities(tower.eval(), normalizer, val)
-    top1, top5 = topk_correct(probs, torch.tensor(val_labels))
+    top1, top5 = topk_hits(probs, torch.tensor(val_labels)).tolist()
     metrics = {"val_top1_error": 1 - top1 / len(val_labels), "val_top5_error": 1 - top5 / len(val_labels)}
     folder.mkdir(parents=True, exist_ok=True)
-    ckpt.write_tower_shard(folder, 0, {"model": tower.state_dict()})
-    ckpt.write_progress(folder, {"epoch": 1, "step": steps, "replicas": 1, "towers": 1,
+    shard = ckpt.write_tower_shard(folder, 0, {"model": tower.state_dict()})
+    ckpt.write_progress(folder, {"epoch": 1, "step": steps, "replicas": 1, "towers": 1, "shards": [shard],
                                  "spec": ckpt.spec_to_dict(spec), "metrics": metrics})
     return metrics

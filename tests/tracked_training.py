@@ -18,9 +18,9 @@ import torch
 from service.model import alexnet_spec
 from service.parallel.groups import single_process_groups
 from service.parallel.layout import ParallelLayout
-from service.train.loop import LoopOptions, Progress, TowerTraining, run_training
+from service.train.build import TowerTraining, build_optimizer, build_tower
+from service.train.loop import LoopOptions, Progress, run_training
 from service.train.schedule import LRSchedule
-from service.train.setup import build_optimizer, build_tower
 from service.train.step import Normalizer, TowerStep
 # Batches whose label shows in the colour channels: a net learns them in a few steps.
 from tests.test_train_loop import _learnable_batches as learnable_batches
@@ -71,8 +71,9 @@ def train_with_tracker(tracker, epochs: int, steps_per_epoch: int, checkpoint_ev
     shape = {"num_classes": NUM_CLASSES, "batch": BATCH, "size": IMAGE_SIZE}
     train = learnable_batches(count=steps_per_epoch, seed=seed, **shape)
     val = learnable_batches(count=2, seed=seed + 1, **shape)
-    options = LoopOptions(epochs=epochs, log_every_steps=1, checkpoint_every_steps=checkpoint_every_steps)
-    return run_training(training, lambda epoch: train, lambda epoch: val,
+    options = LoopOptions(epochs=epochs, steps_per_epoch=steps_per_epoch, log_every_steps=1,
+                          checkpoint_every_steps=checkpoint_every_steps)
+    return run_training(training, lambda epoch, done: train[done:], lambda epoch: val,
                         TrackerHooks(tracker, after_checkpoint), options)
 
 
