@@ -62,7 +62,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     """Run one evaluation; returns the figures (and the MLflow run id when tracking is on)."""
     import ray
 
-    from service import ray_train
+    from service import ray_cluster
     from service.data import storage
     from service.data.meta import load_meta
     from service.tracking import figures
@@ -83,7 +83,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     data_cfg = replace(data_cfg, resize_size=resize_size)
     mean, std = model.mean or meta.mean, model.std or meta.std
     say(f"model: {model.description}")
-    ray_train.connect(cfg.cluster.address)
+    ray_cluster.connect(cfg.cluster.address)
     actors, data_cfg = plan_resources(cfg.eval, data_cfg, ray.cluster_resources().get("CPU", 1))
     meta, val = validation_dataset(data_cfg, model.spec.image_size)
     crops = "the centre crop" if cfg.eval.crops == 1 else "10 crops (softmax averaged)"

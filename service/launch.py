@@ -104,7 +104,7 @@ def train(cfg: Config, parent=None) -> dict:
         mlflow_tracker.check_tracking_reachable(cfg.tracking.uri)
     storage_path, filesystem = storage_location(cfg)
     point = find_resume_point(filesystem or pafs.LocalFileSystem(), f"{storage_path}/{name}")
-    ray_cluster.connect(cfg)
+    ray_cluster.connect(cfg.cluster.address, ray_cluster.training_job_cpus(cfg))
     if source is None:  # the demo's dataset is generated (a Ray Data job) now
         data_cfg = resolved_data(cfg)
         source = open_source(data_cfg, cfg.model.image_size, cfg.parallel.replicas)
@@ -152,7 +152,6 @@ def train(cfg: Config, parent=None) -> dict:
         facts=facts,
         allow_cross_node_towers=cfg.parallel.allow_cross_node_towers,
         use_gpu=cfg.cluster.use_gpu,
-        resume_from=_as_ray_checkpoint(point),
         run_folder=f"{storage_path}/{name}",
         storage_filesystem=filesystem,
         mlflow=handle,
@@ -180,8 +179,7 @@ def train(cfg: Config, parent=None) -> dict:
     best = best_checkpoint(result)
     if result.checkpoint is not None:
         summary["checkpoint"] = result.checkpoint.path
-        with result.checkpoint.as_directory() as folder:
-            summary.update(checkpoint_metrics(folder))
+        summary.update(checkpoint_metrics(ray_train.read_progress(result.checkpoint)))
     if best is not None:
         summary["best_checkpoint"] = best.path
     if handle:
@@ -189,32 +187,19 @@ def train(cfg: Config, parent=None) -> dict:
     return summary
 
 
-def _as_ray_checkpoint(point):
-    if point is None:
-        return None
-    from ray.train import Checkpoint
-
-    return Checkpoint(point.path, filesystem=point.filesystem)
-
-
 def best_checkpoint(result):
     """The kept checkpoint with the lowest validation error (the last one if none was evaluated)."""
-    import math
-
-    from service.ray_train import SCORE
+    from service.ray_train import SCORE, UNEVALUATED
 
     scored = [(metrics[SCORE], checkpoint) for checkpoint, metrics in (result.best_checkpoints or [])
-              if isinstance(metrics.get(SCORE), float) and not math.isnan(metrics[SCORE])]
+              if metrics.get(SCORE, UNEVALUATED) < UNEVALUATED]
     if scored:
         return min(scored, key=lambda pair: pair[0])[1]
     return result.checkpoint
 
 
-def checkpoint_metrics(folder: str) -> dict:
-    """Epoch, step and the metrics recorded in a checkpoint."""
-    from service.train import checkpoint as ckpt
-
-    progress = ckpt.read_progress(folder)
+def checkpoint_metrics(progress: dict) -> dict:
+    """Epoch, step and the metrics recorded in a checkpoint's progress.json."""
     return {**progress.get("metrics", {}), "epoch": progress["epoch"], "step": progress["step"]}
 
 
@@ -230,8 +215,10 @@ def _finish_tracking(cfg: Config, handle, best, meta, data_cfg) -> dict:
     if any(history.values()):
         mlflow_tracker.log_png(handle, figures.learning_curves_png(history), "figures/learning_curves.png")
     if best is not None:
+        from service.ray_train import read_progress
+
+        best_metrics = checkpoint_metrics(read_progress(best))
         with best.as_directory() as folder:
-            best_metrics = checkpoint_metrics(folder)
             version = log_trained_model(handle, folder, meta, cfg.tracking, best_metrics,
                                         resize_size=data_cfg.resize_size, crops=data_cfg.eval_crops)
         out["best_epoch"] = best_metrics["epoch"]

@@ -57,12 +57,18 @@ def training_cpus(cfg: Config) -> float:
     return cfg.parallel.replicas * cfg.parallel.towers * cfg.cluster.cpus_per_worker
 
 
-def connect(cfg: Config) -> None:
-    """Join the configured cluster, the one a submitted job runs in, or start
-    a local one sized for the workers plus at least one decode task per replica."""
+def training_job_cpus(cfg: Config) -> float:
+    """Logical CPUs a local cluster needs for the training workers plus at
+    least one decode task per replica (or data.decode_concurrency)."""
+    return training_cpus(cfg) + max(cfg.data.decode_concurrency, cfg.parallel.replicas)
+
+
+def connect(address: str = "", min_cpus: float = 0) -> None:
+    """Join the cluster at `address`, the one a submitted job runs in
+    (RAY_ADDRESS), or start a local one with at least `min_cpus` logical CPUs."""
     if ray.is_initialized():
         return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+    address = address or os.environ.get("RAY_ADDRESS", "")
     level = "INFO" if ray_verbose() else "WARNING"
     runtime = {"logging_config": ray.LoggingConfig(log_level=level), "log_to_driver": True}
     if address:
@@ -73,8 +79,7 @@ def connect(cfg: Config) -> None:
         # Logical CPUs are oversubscribed on purpose on small machines: the
         # workers and the decode tasks each reserve CPUs, and on a 2-core laptop
         # they would otherwise wait for each other forever; the OS shares the cores.
-        need = training_cpus(cfg) + max(cfg.data.decode_concurrency, cfg.parallel.replicas)
-        num_cpus = int(max(4, os.cpu_count() or 1, math.ceil(need)))
+        num_cpus = int(max(4, os.cpu_count() or 1, math.ceil(min_cpus)))
         env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}
         # The dashboard serves Ray's state API, which Ray Train's placement-group
         # cleaner polls (it warns every second without it); bound to loopback.

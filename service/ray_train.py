@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.collective
@@ -35,13 +36,17 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from service.parallel.batches import replica_batches
 from service.parallel.placement import check_tower_placement
 from service.ray_cluster import quiet_ray_logging, ray_verbose
-from service.resume import checkpoint_dir_name
+from service.resume import checkpoint_dir_name, find_resume_point
 from service.train import checkpoint as ckpt
 from service.train.build import TowerTraining, TrainingOptions, build_training, rank_groups
 from service.train.loop import LoopOptions, Progress, run_training
 
-# Checkpoints are ranked by this metric (lower is better); mid-epoch ones carry NaN.
-SCORE = "val_top1_error"
+# Checkpoints are ranked (and kept) by this reported metric, lower is better:
+# the validation top-1 error where the checkpoint was evaluated, else
+# UNEVALUATED, worse than any error (errors lie in [0, 1]). A number, not NaN
+# or inf: Ray Train's run snapshot stores metrics as JSON, which has neither.
+SCORE = "checkpoint_score"
+UNEVALUATED = 2.0
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,6 @@ class WorkerPayload:
     facts: dict
     allow_cross_node_towers: bool
     use_gpu: bool
-    # -- The newest complete checkpoint the driver found (None: start fresh).
-    resume_from: Optional[Checkpoint] = None
     # -- service.tracking RunHandle of the MLflow run, rank 0 logs to it.
     mlflow: Any = None
     system_metrics: bool = True
@@ -185,8 +188,9 @@ class RayHooks:
                 ckpt.write_progress(folder, self._progress_record(progress, metrics, [s for s in shards if s]))
             crash = progress.step == self.payload.crash_in_checkpoint_at_step and groups.replica == 0 \
                 and groups.tower == groups.layout.towers - 1
-            report = {"epoch": progress.epoch, "step": progress.step, SCORE: float("nan")}
+            report = {"epoch": progress.epoch, "step": progress.step}
             report.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            report[SCORE] = report.get("val_top1_error", UNEVALUATED)
             ray.train.report(
                 report,
                 checkpoint=Checkpoint.from_directory(folder) if groups.replica == 0 else None,
@@ -238,26 +242,47 @@ def _read(checkpoint: Checkpoint, name: str) -> bytes:
         return stream.read()
 
 
+def read_progress(checkpoint: Checkpoint) -> dict:
+    """A checkpoint's progress.json, read from its storage."""
+    return ckpt.parse_progress(_read(checkpoint, ckpt.PROGRESS_FILE).decode("utf-8"), checkpoint.path)
+
+
+def _newest_checkpoint(payload: WorkerPayload, rank: int) -> Optional[Checkpoint]:
+    """Rank 0 picks, every rank loads the same: the newer of Ray Train's latest
+    registered checkpoint and the newest complete one in storage. Ray Train
+    registers a checkpoint only after every worker's upload, asynchronously;
+    a worker restarted in between would otherwise go back one checkpoint and
+    redo (and re-log) steps whose metrics were already sent."""
+    choice: list = [None]
+    if rank == 0:
+        candidates = []
+        registered = ray.train.get_checkpoint()
+        if registered is not None:
+            candidates.append((read_progress(registered)["step"], 1, registered))
+        filesystem = payload.storage_filesystem or pafs.LocalFileSystem()
+        point = find_resume_point(filesystem, payload.run_folder, log=lambda message: None)
+        if point is not None:
+            candidates.append((point.step, 0, Checkpoint(point.path, filesystem=filesystem)))
+        choice = [max(candidates, key=lambda c: c[:2])[2] if candidates else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
 def _restore(training: TowerTraining, payload: WorkerPayload) -> Progress:
-    """Load the newer of Ray Train's latest checkpoint (a restart within this
-    run) and the driver's resume point (a re-run of the command). Each worker
-    reads progress.json and its own tower's shard only."""
-    best, progress = None, None
-    for candidate in (ray.train.get_checkpoint(), payload.resume_from):
-        if candidate is None:
-            continue
-        record = ckpt.parse_progress(_read(candidate, ckpt.PROGRESS_FILE).decode("utf-8"), candidate.path)
-        if progress is None or record["step"] > progress["step"]:
-            best, progress = candidate, record
-    if best is None:
-        return Progress()
+    """Load the newest complete checkpoint (see `_newest_checkpoint`); each
+    worker reads progress.json and its own tower's shard only."""
     groups = training.groups
+    checkpoint = _newest_checkpoint(payload, groups.rank)
+    if checkpoint is None:
+        return Progress()
+    progress = read_progress(checkpoint)
     if progress["towers"] != groups.layout.towers:  # the driver checks this first; never load a wrong shard
         raise ValueError(f"checkpoint has towers={progress['towers']}, this run towers={groups.layout.towers}")
-    data = _read(best, ckpt.shard_file(groups.tower))
-    training.load_state_dict(ckpt.load_shard(data, groups.tower, progress, best.path))
+    data = _read(checkpoint, ckpt.shard_file(groups.tower))
+    training.load_state_dict(ckpt.load_shard(data, groups.tower, progress, checkpoint.path))
     if groups.rank == 0:
-        say(f"[train] resumed from epoch {progress['epoch']} step {progress['step']} ({best.path})")
+        say(f"[train] resumed from epoch {progress['epoch']} step {progress['step']} ({checkpoint.path})")
     return Progress(epoch=progress["epoch"], step=progress["step"],
                     epoch_totals=list(progress.get("epoch_totals") or [0.0, 0.0, 0.0]))
 

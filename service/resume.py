@@ -6,8 +6,8 @@ the newest *complete* one (see `service.train.checkpoint.missing_parts`):
 Ray Train's own record of the last checkpoint is written by its controller
 after the workers' uploads, so a driver killed in between would resume from
 an older checkpoint than the one the workers already finished, and the
-metrics logged since would be logged twice. The workers resume from
-whichever of the two is newer.
+metrics logged since would be logged twice. Workers (re)starting inside a
+run look again the same way (`service.ray_train`).
 
 Before resuming, the saved run's configuration is compared with this one:
 a key that changes the training (model, layout, recipe, batch, data

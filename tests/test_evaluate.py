@@ -49,7 +49,8 @@ def _validation_batches(root: str, crops: int, resize_size: int = RESIZE_SIZE, i
 
     data_cfg = replace(DataConfig(), root=root, resize_size=resize_size, eval_crops=crops, decode_concurrency=2)
     meta, val = validation_dataset(data_cfg, image_size)
-    return meta, list(val.iter_torch_batches(batch_size=batch_size, drop_last=False))
+    images = val.select_columns(["image", "label"])
+    return meta, list(images.iter_torch_batches(batch_size=batch_size, drop_last=False))
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +74,10 @@ def checkpoint(dataset, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval-ckpt") / "checkpoint_000001"
     folder.mkdir()
     state = network.state_dict()
-    for tower in range(2):
-        ckpt.write_tower_shard(folder, tower, {"model": reference_to_tower(state, spec, tower)})
+    shards = [ckpt.write_tower_shard(folder, tower, {"model": reference_to_tower(state, spec, tower)})
+              for tower in range(2)]
     ckpt.write_progress(folder, {"epoch": 1, "step": 6, "replicas": 1, "towers": 2, "spec": ckpt.spec_to_dict(spec),
-                                 "metrics": {}, "mlflow_run_id": None})
+                                 "metrics": {}, "mlflow_run_id": None, "shards": shards})
     return folder, network.eval(), meta
 
 

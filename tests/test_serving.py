@@ -45,12 +45,15 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 
 def test_preprocessing_equals_the_validation_pipeline():
-    from service.data.pipeline import EvalTransform
+    from service.data.decode import eval_image
+    from service.data.epochs import DataSource
 
     jpegs, _ = class_jpegs(2)
-    batch = {"jpeg": np.array(jpegs, dtype=object), "label": np.zeros(len(jpegs), np.int64)}
     for crops in (1, 10):
-        expected = EvalTransform(IMAGE_SIZE, RESIZE_SIZE, crops)(batch)["image"]
+        source = DataSource(root="", s3=None, meta=tiny_meta(), image_size=IMAGE_SIZE, resize_size=RESIZE_SIZE,
+                            augmentation="paper", hflip=True, pca_lighting_std=0.0, eval_crops=crops, seed=0,
+                            skip_bad_shards=False)
+        expected = np.stack([eval_image(source, data) for data in jpegs])
         served = preprocess(jpegs, RESIZE_SIZE, IMAGE_SIZE, crops)
         assert np.array_equal(served.reshape(expected.shape), expected)
 

@@ -93,11 +93,8 @@ def train_image(source: DataSource, jpeg: bytes, key: str, epoch: int) -> tuple[
 def eval_image(source: DataSource, jpeg: bytes) -> np.ndarray:
     """Centre crop [S, S, 3] of the central square, or its 10 (5 with hflip off) crops."""
     img = transforms.decode_short_side(jpeg, source.resize_size)
-    square = np.asarray(img.crop(transforms.center_square_box(*img.size)))
-    if source.eval_crops == 1:
-        top, left = transforms.center_crop_bounds(*square.shape[:2], source.image_size)
-        return transforms.crop(square, top, left, source.image_size)
-    return transforms.ten_crop(square, source.image_size, mirrored=source.hflip)
+    crops = transforms.eval_crops(img, source.image_size, source.eval_crops, mirrored=source.hflip)
+    return crops[0] if source.eval_crops == 1 else crops
 
 
 def _decode_rows(source: DataSource, split: str, epoch: int, table, uri: str, bad_shard: int,

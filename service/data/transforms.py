@@ -93,6 +93,18 @@ def ten_crop(image: np.ndarray, size: int, mirrored: bool = True) -> np.ndarray:
     return np.stack(crops + ([hflip(c) for c in crops] if mirrored else []))
 
 
+def eval_crops(img: Image.Image, image_size: int, crops: int, mirrored: bool = True) -> np.ndarray:
+    """[1, S, S, 3] centre crop of the central square of `img` (already at
+    the evaluation's shorter side), or its 10 crops ([5, ...] unmirrored).
+    The one definition of evaluation geometry: the pipeline and the served
+    model both call it."""
+    square = np.asarray(img.crop(center_square_box(*img.size)))
+    if crops == 1:
+        top, left = center_crop_bounds(*square.shape[:2], image_size)
+        return crop(square, top, left, image_size)[None]
+    return ten_crop(square, image_size, mirrored=mirrored)
+
+
 def pca_lighting_offset(
     rng: np.random.Generator, eigval: Sequence[float], eigvec: Sequence[Sequence[float]], std: float, n: int
 ) -> np.ndarray:

@@ -88,19 +88,13 @@ def array_image(array: np.ndarray, index: int = 0) -> Image.Image:
 
 
 def eval_crops(img: Image.Image, resize_size: int, image_size: int, crops: int) -> np.ndarray:
-    """[crops, S, S, 3] uint8: shorter side to `resize_size`, central square, centre or 10 crops.
-
-    The same steps as `service.data.pipeline.EvalTransform` on a decoded shard image.
-    """
+    """[crops, S, S, 3] uint8: shorter side to `resize_size`, then the
+    pipeline's own evaluation crops (`service.data.transforms.eval_crops`)."""
     if crops not in (1, 10):
         raise ValueError(f"crops={crops}; choose 1 or 10")
     if min(img.size) != resize_size:
         img = img.resize(short_side_size(*img.size, resize_size), Image.BILINEAR)
-    square = np.asarray(img.crop(transforms.center_square_box(*img.size)))
-    if crops == 10:
-        return transforms.ten_crop(square, image_size)
-    top, left = transforms.center_crop_bounds(*square.shape[:2], image_size)
-    return transforms.crop(square, top, left, image_size)[None]
+    return transforms.eval_crops(img, image_size, crops)
 
 
 def preprocess(images: list[ImageInput], resize_size: int, image_size: int, crops: int) -> np.ndarray:

@@ -152,9 +152,17 @@ def _experiment_id(client, name: str, tracking_uri: str) -> str:
         # Beside the database, not relative to whichever cwd a worker has.
         db_path = Path(tracking_uri[len("sqlite:///"):])
         artifact_location = (db_path.parent / "mlartifacts").as_uri()
-    return client.create_experiment(
-        name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
-    )
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+        )
+    except MlflowException as error:
+        # Several jobs starting at once race to create it; the loser uses the winner's.
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def experiment_id_for(tracking: TrackingConfig) -> tuple[str, str]:
