@@ -5,11 +5,11 @@ Ray cluster and `mlflow server`, on 4 generated classes (10 steps an epoch,
 
 - a training worker SIGKILLed mid-epoch: Ray Train restarts the group from
   the last checkpoint; one MLflow run, every logged step exactly once;
+- a worker killed halfway through uploading a checkpoint: the next run skips
+  that incomplete checkpoint and resumes from the previous complete one;
 - the driver SIGKILLed mid-epoch, then the same command again: it resumes
   into the same MLflow run and ends with the same steps and the same weights
-  as an uninterrupted run;
-- a worker killed halfway through uploading a checkpoint: the next run skips
-  that incomplete checkpoint and resumes from the previous complete one.
+  as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -116,41 +116,40 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(tiny_dataset, mlflo
     _assert_complete_history(client, run)
 
 
-def test_killed_driver_resumes_into_the_same_run_with_the_same_result(tiny_dataset, mlflow_server, ray_session,
-                                                                       tmp_path):
+def test_interrupted_run_resumes_exactly_after_a_cut_checkpoint_and_a_killed_driver(
+    tiny_dataset, mlflow_server, ray_session, tmp_path
+):
+    """One run interrupted twice, then compared with an uninterrupted one:
+    1. a worker dies halfway through uploading the step-8 checkpoint (the job fails);
+    2. the same command resumes from step 4, the last complete checkpoint, and
+       its driver is SIGKILLed in epoch 2 after the step-16 checkpoint;
+    3. the same command resumes from step 16 into the same MLflow run and ends
+       with every step logged once and the uninterrupted run's weights."""
     storage = tmp_path / "ckpt"
     env = _env(ray_session)
-    uninterrupted = _run(_command(tiny_dataset, mlflow_server, storage, "fault-driver", "whole"), env)
+    uninterrupted = _run(_command(tiny_dataset, mlflow_server, storage, "fault-resume", "whole"), env)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
-    command = _command(tiny_dataset, mlflow_server, storage, "fault-driver", "killed")
-    # Step 18 is printed after the checkpoint of step 16 is complete (and its metrics sent).
-    process, lines = _run_until(command, env, r"epoch 2/3 step 18/")
+    command = _command(tiny_dataset, mlflow_server, storage, "fault-resume", "interrupted")
+    crashed = _run(command, _env(ray_session, ALEXNET_TEST_CRASH_IN_CHECKPOINT="8"))
+    assert crashed.returncode == 1, crashed.stdout[-2000:] + crashed.stderr[-2000:]
+    assert "error: training failed" in crashed.stderr
+    cut = storage / "interrupted" / "checkpoint_e0000_s000000008"
+    assert (cut / "tower_1.pt").is_file()  # half of it reached storage
+
+    process, lines = _run_until(command, env, r"epoch 2/3 step 18/")  # after the step-16 checkpoint
+    output = "".join(lines)
+    assert f"skipping incomplete checkpoint {cut}" in output and "resuming from step 4" in output, output[-3000:]
     process.kill()  # SIGKILL the driver: no clean-up of any kind
     process.wait()
+
     resumed = _run(command, env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step 16" in resumed.stdout, resumed.stdout[-3000:]
     client = mlflow.MlflowClient(mlflow_server.url)
-    run = _the_run(client, "fault-driver", "killed")
+    run = _the_run(client, "fault-resume", "interrupted")
     assert run.info.status == "FINISHED"
     _assert_complete_history(client, run)
-    whole, killed = _final_state(storage, "whole"), _final_state(storage, "killed")
+    whole, interrupted = _final_state(storage, "whole"), _final_state(storage, "interrupted")
     for name, value in whole.items():
-        torch.testing.assert_close(killed[name], value, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_checkpoint_cut_short_is_skipped_on_resume(tiny_dataset, mlflow_server, ray_session, tmp_path):
-    storage = tmp_path / "ckpt"
-    command = _command(tiny_dataset, mlflow_server, storage, "fault-checkpoint", "cut")
-    crashed = _run(command, _env(ray_session, ALEXNET_TEST_CRASH_IN_CHECKPOINT="8"))
-    assert crashed.returncode == 1, crashed.stdout[-2000:] + crashed.stderr[-2000:]
-    assert "error: training failed" in crashed.stderr
-    cut = storage / "cut" / "checkpoint_e0000_s000000008"
-    assert (cut / "tower_1.pt").is_file()  # half of it reached storage
-    resumed = _run(command, _env(ray_session))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"skipping incomplete checkpoint {cut}" in resumed.stdout, resumed.stdout[-3000:]
-    assert "resuming from step 4" in resumed.stdout
-    client = mlflow.MlflowClient(mlflow_server.url)
-    _assert_complete_history(client, _the_run(client, "fault-checkpoint", "cut"))
+        torch.testing.assert_close(interrupted[name], value, rtol=1e-5, atol=1e-6, msg=name)
