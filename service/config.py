@@ -184,6 +184,8 @@ class TrackingConfig:
     # -- Tracking URI; empty = MLFLOW_TRACKING_URI or sqlite:///mlruns.db.
     uri: str = ""
     experiment: str = "alexnet"
+    # -- Log the best checkpoint as the run's servable MLflow model.
+    log_model: bool = True
     # -- Registered model name; empty = do not register.
     registered_model: str = "alexnet"
     # -- Alias set on the best registered version.

@@ -214,7 +214,7 @@ def _finish_tracking(cfg: Config, handle, best, meta, data_cfg) -> dict:
     )
     if any(history.values()):
         mlflow_tracker.log_png(handle, figures.learning_curves_png(history), "figures/learning_curves.png")
-    if best is not None:
+    if best is not None and cfg.tracking.log_model:
         from service.ray_train import read_progress
 
         best_metrics = checkpoint_metrics(read_progress(best))

@@ -122,7 +122,7 @@ def _kill_session(temp_dir: str, gcs_port: int) -> None:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(victims, timeout=20)
+    _, alive = psutil.wait_procs(victims, timeout=5)  # a test cluster: no need to wait long for a clean exit
     for proc in alive:
         proc.kill()
 

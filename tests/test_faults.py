@@ -38,7 +38,7 @@ def _command(tiny_dataset, mlflow_server, storage: Path, experiment: str, name: 
     return [
         sys.executable, "-m", "service.train", "experiment=smoke",
         f"data.root={tiny_dataset}", f"tracking.uri={mlflow_server.url}", f"tracking.experiment={experiment}",
-        "tracking.registered_model=", "tracking.system_metrics=false", f"storage.path={storage}",
+        "tracking.log_model=false", "tracking.system_metrics=false", f"storage.path={storage}",
         f"run.name={name}", f"train.epochs={EPOCHS}", "train.batch_size=16", f"train.log_every_steps={LOG_EVERY}",
         f"train.checkpoint_every_steps={CHECKPOINT_EVERY}", "train.keep_checkpoints=3",
         f"hydra.run.dir={storage.parent / 'hydra'}", *extra,
@@ -123,7 +123,7 @@ def test_interrupted_run_resumes_exactly_after_a_cut_checkpoint_and_a_killed_dri
     1. a worker dies halfway through uploading the step-8 checkpoint (the job fails);
     2. the same command resumes from step 4, the last complete checkpoint, and
        its driver is SIGKILLed in epoch 2 after the step-16 checkpoint;
-    3. the same command resumes from step 16 into the same MLflow run and ends
+    3. the same command resumes from there into the same MLflow run and ends
        with every step logged once and the uninterrupted run's weights."""
     storage = tmp_path / "ckpt"
     env = _env(ray_session)
@@ -145,7 +145,8 @@ def test_interrupted_run_resumes_exactly_after_a_cut_checkpoint_and_a_killed_dri
 
     resumed = _run(command, env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from step 16" in resumed.stdout, resumed.stdout[-3000:]
+    # The workers outlive their driver for a moment and may finish the step-20 checkpoint.
+    assert re.search(r"resuming from step (16|20)\b", resumed.stdout), resumed.stdout[-3000:]
     client = mlflow.MlflowClient(mlflow_server.url)
     run = _the_run(client, "fault-resume", "interrupted")
     assert run.info.status == "FINISHED"

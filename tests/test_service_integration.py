@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from service.config import ConfigError
 from service.hydra_app import compose
 from service.launch import train
 from service.tracking.mlflow_tracker import PARENT_TAG, RUN_NAME_TAG, SWEEP_TAG
@@ -50,6 +51,9 @@ def test_resume_continues_the_same_run_without_duplicate_steps(tiny_dataset, mlf
     first_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert first["epoch"] == 1 and first_steps and max(first_steps) <= first["step"]
 
+    # Changing the layout under the same run.name stops before any worker starts.
+    with pytest.raises(ConfigError, match=r"would resume from step \d+ .*parallel.towers: 2 -> 1"):
+        train(compose(base + secret_overrides + ["train.epochs=2", "parallel.towers=1"]))
     second = train(compose(base + secret_overrides + ["train.epochs=2"]))
     runs = _runs(client, "resume")
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id  # one MLflow run, continued
@@ -86,7 +90,7 @@ def test_multirun_sweep_logs_children_under_one_parent(tiny_dataset, mlflow_serv
     base = _overrides(tiny_dataset, mlflow_server, ray_session, tmp_path / "ckpt", "sweep", "ignored")
     overrides = [o for o in base if not o.startswith("run.name")] + [
         "train.max_steps=2",
-        "tracking.registered_model=",
+        "tracking.log_model=false",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
         "recipe.lr=0.01,0.02",
     ]
@@ -149,7 +153,7 @@ def test_two_replicas_two_towers_with_ten_crop_eval(tiny_dataset, mlflow_server,
     """4 workers: data split by replica, every val image counted exactly once."""
     base = _overrides(tiny_dataset, mlflow_server, ray_session, tmp_path / "ckpt", "replicas", "r2x2")
     summary = train(
-        compose(base + ["parallel.replicas=2", "train.batch_size=32", "data.eval_crops=10", "tracking.registered_model="])
+        compose(base + ["parallel.replicas=2", "train.batch_size=32", "data.eval_crops=10", "tracking.log_model=false"])
     )
     assert summary["val_images"] == 4 * 8  # classes x val_per_class of the tiny dataset
     # Exact counting over both replicas: the error is a whole number of the 32 images.

@@ -130,7 +130,9 @@ def run_training(
                     "epoch": progress.epoch + 1,
                 })
             stop = bool(options.max_steps) and progress.step >= options.max_steps
-            if stop or (options.checkpoint_every_steps and progress.step % options.checkpoint_every_steps == 0):
+            epoch_ends = progress.step == (progress.epoch + 1) * options.steps_per_epoch  # its own checkpoint follows
+            periodic = options.checkpoint_every_steps and progress.step % options.checkpoint_every_steps == 0
+            if stop or (periodic and not epoch_ends):
                 progress.epoch_totals = totals.tolist()
                 hooks.save_checkpoint(progress, training.state_dict(), {"loss": float(loss)})
                 training.reseed(progress.step)
