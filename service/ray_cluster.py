@@ -19,6 +19,7 @@ from service.config import Config
 
 # The one switch that brings Ray's internal logging back (documented in the README).
 VERBOSE_ENV = "ALEXNET_RAY_VERBOSE"
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow")
 
 
@@ -80,7 +81,11 @@ def connect(address: str = "", min_cpus: float = 0) -> None:
         # workers and the decode tasks each reserve CPUs, and on a 2-core laptop
         # they would otherwise wait for each other forever; the OS shares the cores.
         num_cpus = int(max(4, os.cpu_count() or 1, math.ceil(min_cpus)))
-        env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}
+        env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, ""),
+               # Ray Train's controller takes each report (a checkpoint) on its
+               # health-check poll, 2 s apart by default, and the workers wait
+               # for it: on a laptop's short epochs that is a third of the run.
+               POLL_ENV: os.environ.get(POLL_ENV, "0.25")}
         # The dashboard serves Ray's state API, which Ray Train's placement-group
         # cleaner polls (it warns every second without it); bound to loopback.
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=True,

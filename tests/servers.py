@@ -46,6 +46,9 @@ def quiet_env() -> dict:
         DO_NOT_TRACK="true",
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=env.get("RAY_AUTH_TOKEN") or secrets.token_hex(32),
+        # Ray Train's controller takes each checkpoint report on its poll (2 s by
+        # default) while the workers wait; the tests' short runs checkpoint often.
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
         PYTHONUNBUFFERED="1",
         # As if the venv were activated: `python` in a job's entrypoint is the
         # venv's, like for a user who ran `ray start` from an activated venv.

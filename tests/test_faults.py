@@ -1,15 +1,13 @@
-"""Faults injected into real runs, then proof that nothing was lost or counted
-twice: `python -m service.train` in a subprocess against the session's real
-Ray cluster and `mlflow server`, on 4 generated classes (10 steps an epoch,
-3 epochs, a checkpoint every 4 steps, loss logged every 2).
+"""Faults injected into a real run, then proof that nothing was lost or
+counted twice: `python -m service.train` in a subprocess against the
+session's real Ray cluster and `mlflow server`, on 4 generated classes (10
+steps an epoch, 3 epochs, a checkpoint every 4 steps, loss logged every 2).
 
-- a training worker SIGKILLed mid-epoch: Ray Train restarts the group from
-  the last checkpoint; one MLflow run, every logged step exactly once;
-- a worker killed halfway through uploading a checkpoint: the next run skips
-  that incomplete checkpoint and resumes from the previous complete one;
-- the driver SIGKILLed mid-epoch, then the same command again: it resumes
-  into the same MLflow run and ends with the same steps and the same weights
-  as an uninterrupted run.
+One run is interrupted three ways (a worker killed halfway through uploading
+a checkpoint, a training worker SIGKILLed mid-epoch, the driver SIGKILLed
+mid-epoch) and must end exactly like an uninterrupted run of the same
+command: the same steps and weights, one MLflow run with every logged step
+once, its model registered, no secret anywhere.
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ from service.tracking.mlflow_tracker import RUN_NAME_TAG
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
+SECRET = "TOPSECRET-do-not-log-4f9a"
 EPOCHS, STEPS_PER_EPOCH, LOG_EVERY, CHECKPOINT_EVERY = 3, 10, 2, 4
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 
@@ -38,7 +37,8 @@ def _command(tiny_dataset, mlflow_server, storage: Path, experiment: str, name: 
     return [
         sys.executable, "-m", "service.train", "experiment=smoke",
         f"data.root={tiny_dataset}", f"tracking.uri={mlflow_server.url}", f"tracking.experiment={experiment}",
-        "tracking.log_model=false", "tracking.system_metrics=false", f"storage.path={storage}",
+        f"tracking.registered_model={experiment}-model", "tracking.system_metrics=false", f"storage.path={storage}",
+        f"data.s3_secret_key={SECRET}", "data.s3_access_key=AKIAEXAMPLE-KEY",
         f"run.name={name}", f"train.epochs={EPOCHS}", "train.batch_size=16", f"train.log_every_steps={LOG_EVERY}",
         f"train.checkpoint_every_steps={CHECKPOINT_EVERY}", "train.keep_checkpoints=3",
         f"hydra.run.dir={storage.parent / 'hydra'}", *extra,
@@ -63,9 +63,14 @@ def _run_until(command, env, line_pattern: str) -> tuple[subprocess.Popen, list[
                          + "".join(lines[-40:]))
 
 
-def _finish(process: subprocess.Popen, lines: list[str], timeout: float = 600) -> str:
-    out, _ = process.communicate(timeout=timeout)
-    return "".join(lines) + (out or "")
+def _lines_until(process: subprocess.Popen, line_pattern: str) -> list[str]:
+    """Read the running job's output until a line matches `line_pattern`."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if re.search(line_pattern, line):
+            return lines
+    raise AssertionError(f"the job ended before printing {line_pattern!r}:\n" + "".join(lines[-40:]))
 
 
 def _run(command, env) -> subprocess.CompletedProcess:
@@ -99,58 +104,67 @@ def _train_worker_pids() -> list[int]:
     return [actor.pid for actor in actors if "RayTrainWorker" in actor.class_name]
 
 
-def test_killed_worker_is_restarted_from_the_last_checkpoint(tiny_dataset, mlflow_server, ray_session, tmp_path):
-    storage = tmp_path / "ckpt"
-    command = _command(tiny_dataset, mlflow_server, storage, "fault-worker", "w", "cluster.max_failures=3")
-    process, lines = _run_until(command, _env(ray_session), r"epoch 2/3 step 1[46]/")
-    victims = _train_worker_pids()
-    assert len(victims) == 2, victims
-    os.kill(victims[-1], signal.SIGKILL)
-    output = _finish(process, lines)
-    assert process.returncode == 0, output[-4000:]
-    # Killed after step 14 or 16 was printed: the last complete checkpoint is 12 or 16.
-    assert re.search(r"resumed from epoch 1 step (12|16) ", output), output[-4000:]
+def _assert_no_secret(client, run, storage: Path, tmp_path: Path) -> None:
+    """The S3 keys given on the command line reach no param, tag, artifact or checkpoint."""
+    params = run.data.params
+    assert params["data.s3_secret_key"] == "***" and params["data.s3_access_key"] == "***"
+    assert not any(SECRET in value for value in params.values())
+    assert not any(SECRET in value for value in run.data.tags.values())  # the recorded command among them
+    artifact_dir = client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts"))
+    for folder in (Path(artifact_dir), storage):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_run_interrupted_three_ways_ends_like_an_uninterrupted_one(tiny_dataset, mlflow_server, ray_session,
+                                                                      tmp_path):
+    """1. a worker dies halfway through uploading the step-8 checkpoint: the job fails;
+    2. the same command skips that incomplete checkpoint and resumes from step 4;
+       a training worker is SIGKILLed in epoch 2 and Ray Train restarts the
+       workers (cluster.max_failures) from the newest complete checkpoint;
+       then the driver is SIGKILLed in epoch 3;
+    3. the same command resumes from the newest complete checkpoint into the
+       same MLflow run, and ends with the uninterrupted run's steps and weights.
+    A change of layout under the same run.name stops before any worker starts."""
+    storage, env = tmp_path / "ckpt", _env(ray_session)
     client = mlflow.MlflowClient(mlflow_server.url)
-    run = _the_run(client, "fault-worker", "w")
-    assert run.info.status == "FINISHED"
-    _assert_complete_history(client, run)
+    whole = _run(_command(tiny_dataset, mlflow_server, storage, "faults", "whole"), env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
 
-
-def test_interrupted_run_resumes_exactly_after_a_cut_checkpoint_and_a_killed_driver(
-    tiny_dataset, mlflow_server, ray_session, tmp_path
-):
-    """One run interrupted twice, then compared with an uninterrupted one:
-    1. a worker dies halfway through uploading the step-8 checkpoint (the job fails);
-    2. the same command resumes from step 4, the last complete checkpoint, and
-       its driver is SIGKILLed in epoch 2 after the step-16 checkpoint;
-    3. the same command resumes from there into the same MLflow run and ends
-       with every step logged once and the uninterrupted run's weights."""
-    storage = tmp_path / "ckpt"
-    env = _env(ray_session)
-    uninterrupted = _run(_command(tiny_dataset, mlflow_server, storage, "fault-resume", "whole"), env)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-
-    command = _command(tiny_dataset, mlflow_server, storage, "fault-resume", "interrupted")
+    command = _command(tiny_dataset, mlflow_server, storage, "faults", "interrupted")
     crashed = _run(command, _env(ray_session, ALEXNET_TEST_CRASH_IN_CHECKPOINT="8"))
-    assert crashed.returncode == 1, crashed.stdout[-2000:] + crashed.stderr[-2000:]
-    assert "error: training failed" in crashed.stderr
+    assert crashed.returncode == 1 and "error: training failed" in crashed.stderr, crashed.stderr[-3000:]
     cut = storage / "interrupted" / "checkpoint_e0000_s000000008"
     assert (cut / "tower_1.pt").is_file()  # half of it reached storage
 
-    process, lines = _run_until(command, env, r"epoch 2/3 step 18/")  # after the step-16 checkpoint
-    output = "".join(lines)
-    assert f"skipping incomplete checkpoint {cut}" in output and "resuming from step 4" in output, output[-3000:]
+    changed = _run(command + ["parallel.towers=1"], env)
+    assert changed.returncode == 2 and "parallel.towers: 2 -> 1" in changed.stderr, changed.stderr[-2000:]
+    assert "Traceback" not in changed.stderr
+
+    process, lines = _run_until(command + ["cluster.max_failures=3"], env, r"epoch 2/3 step 14/")
+    assert f"skipping incomplete checkpoint {cut}" in "".join(lines) and "resuming from step 4" in "".join(lines)
+    victims = _train_worker_pids()
+    assert len(victims) == 2, victims
+    os.kill(victims[-1], signal.SIGKILL)
+    lines += _lines_until(process, r"epoch 3/3 step 26/")  # after the restart, past the step-24 checkpoint
+    assert re.search(r"resumed from epoch 1 step (12|16) ", "".join(lines)), "".join(lines)[-3000:]
     process.kill()  # SIGKILL the driver: no clean-up of any kind
     process.wait()
 
     resumed = _run(command, env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # The workers outlive their driver for a moment and may finish the step-20 checkpoint.
-    assert re.search(r"resuming from step (16|20)\b", resumed.stdout), resumed.stdout[-3000:]
-    client = mlflow.MlflowClient(mlflow_server.url)
-    run = _the_run(client, "fault-resume", "interrupted")
+    # The workers outlive their driver for a moment and may finish the step-28 checkpoint.
+    assert re.search(r"resuming from step (24|28)\b", resumed.stdout), resumed.stdout[-3000:]
+    run = _the_run(client, "faults", "interrupted")
     assert run.info.status == "FINISHED"
     _assert_complete_history(client, run)
-    whole, interrupted = _final_state(storage, "whole"), _final_state(storage, "interrupted")
-    for name, value in whole.items():
+    reference, interrupted = _final_state(storage, "whole"), _final_state(storage, "interrupted")
+    for name, value in reference.items():
         torch.testing.assert_close(interrupted[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # Both runs registered their best checkpoint; the alias is on the lowest error.
+    versions = client.search_model_versions("name='faults-model'")
+    assert sorted(v.run_id for v in versions) == sorted([run.info.run_id, _the_run(client, "faults", "whole").info.run_id])
+    errors = {v.version: float(v.tags["val_top1_error"]) for v in versions}
+    assert errors[client.get_model_version_by_alias("faults-model", "best").version] == min(errors.values())
+    _assert_no_secret(client, run, storage, tmp_path)
