@@ -32,6 +32,23 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def reduce_scatter_slots(own: torch.Tensor, slots: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """`own` <- the sum over ranks of their slot [rank] of `slots` ([towers * N, ...]).
+
+    gloo (the CPU backend) runs its reduce-scatter 2-4x slower than an
+    all-to-all of the same bytes for the activation sizes of a CPU run
+    (bench/towers_cpu.py --profile times both), so on gloo it is an
+    all-to-all of the slots and a local sum in rank order; NCCL's
+    reduce-scatter is used as it is.
+    """
+    if dist.get_backend(group) != "gloo":
+        _reduce_scatter_single(own, slots, group=group)
+        return
+    received = torch.empty_like(slots)
+    dist.all_to_all_single(received, slots, group=group)
+    torch.sum(received.view(-1, *own.shape), dim=0, out=own)
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
@@ -89,7 +106,7 @@ class _AllGatherChannels(torch.autograd.Function):
             own = slots[ctx.rank] * ctx.towers
         else:
             own = torch.empty_like(slots[0])
-            _reduce_scatter_single(own, slots.flatten(0, 1), group=ctx.group)
+            reduce_scatter_slots(own, slots.flatten(0, 1), ctx.group)
         return _from_slot(own, ctx.channels_last), None, None
 
 
