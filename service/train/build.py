@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from service.config import Config, ModelConfig, RecipeConfig
 from service.model import AlexNetSpec, AlexNetTower, ReferenceAlexNet, build_spec
-from service.parallel.exchange import TowerExchange
+from service.parallel.exchange import TowerExchange, excluded_from_compile
 from service.parallel.groups import RankGroups, create_groups, single_process_groups
 from service.parallel.layout import ParallelLayout
 from service.parallel.sharding import reference_to_tower
@@ -115,12 +115,15 @@ def rank_groups(layout: ParallelLayout) -> RankGroups:
     return single_process_groups(layout)
 
 
-def build_tower(spec: AlexNetSpec, groups: RankGroups, seed: int, device: torch.device) -> AlexNetTower:
-    """This rank's tower, initialised as its shard of the seeded reference model."""
+def build_tower(spec: AlexNetSpec, groups: RankGroups, seed: int, device: torch.device,
+                compile: bool = False) -> AlexNetTower:
+    """This rank's tower, initialised as its shard of the seeded reference model
+    (`compile`: its exchanges kept out of torch.compile graphs)."""
     groups.layout.validate_model(spec)
     torch.manual_seed(seed)
     reference_state = ReferenceAlexNet(spec).state_dict()
-    tower = AlexNetTower(spec, groups.tower, TowerExchange(groups.tower_group))
+    exchange = TowerExchange(groups.tower_group)
+    tower = AlexNetTower(spec, groups.tower, excluded_from_compile(exchange) if compile else exchange)
     tower.load_state_dict(reference_to_tower(reference_state, spec, groups.tower))
     # Independent dropout masks per rank; reproducible for a seed.
     torch.manual_seed(seed * 1_000_003 + 1 + groups.rank)
@@ -166,7 +169,7 @@ def build_training(options: TrainingOptions, groups: RankGroups, device: torch.d
     """Everything this rank's tower trains with, on `device`."""
     recipe = options.recipe
     configure_device(device, recipe)
-    model = build_tower(options.spec, groups, options.seed, device)
+    model = build_tower(options.spec, groups, options.seed, device, options.compile)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, options.base_lr, recipe.momentum, recipe.weight_decay)
