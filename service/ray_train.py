@@ -47,6 +47,8 @@ from service.train.loop import LoopOptions, Progress, run_training
 # or inf: Ray Train's run snapshot stores metrics as JSON, which has neither.
 SCORE = "checkpoint_score"
 UNEVALUATED = 2.0
+# progress.json key: the metric points MLflow had not confirmed when the checkpoint was written.
+UNCONFIRMED_METRICS = "unconfirmed_metrics"
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,12 @@ class RayHooks:
             else:
                 shards = [shard]
             if groups.rank == 0:
-                ckpt.write_progress(folder, self._progress_record(progress, metrics, [s for s in shards if s]))
+                record = self._progress_record(progress, metrics, [s for s in shards if s])
+                # The points MLflow has not confirmed travel with the checkpoint: the
+                # flush below only queues them, and a crash before they are sent must
+                # not lose steps a resume from this checkpoint will not redo.
+                record[UNCONFIRMED_METRICS] = self.tracker.unconfirmed_points() if self.tracker else []
+                ckpt.write_progress(folder, record)
             crash = progress.step == self.payload.crash_in_checkpoint_at_step and groups.replica == 0 \
                 and groups.tower == groups.layout.towers - 1
             report = {"epoch": progress.epoch, "step": progress.step}
@@ -269,13 +276,15 @@ def _newest_checkpoint(payload: WorkerPayload, rank: int) -> Optional[Checkpoint
     return choice[0]
 
 
-def _restore(training: TowerTraining, payload: WorkerPayload) -> Progress:
+def _restore(training: TowerTraining, payload: WorkerPayload) -> tuple[Progress, list[dict]]:
     """Load the newest complete checkpoint (see `_newest_checkpoint`); each
-    worker reads progress.json and its own tower's shard only."""
+    worker reads progress.json and its own tower's shard only. Returns where
+    to continue and the metric points the checkpoint carries that MLflow did
+    not hold when the run started (rank 0 sends them)."""
     groups = training.groups
     checkpoint = _newest_checkpoint(payload, groups.rank)
     if checkpoint is None:
-        return Progress()
+        return Progress(), []
     progress = read_progress(checkpoint)
     if progress["towers"] != groups.layout.towers:  # the driver checks this first; never load a wrong shard
         raise ValueError(f"checkpoint has towers={progress['towers']}, this run towers={groups.layout.towers}")
@@ -283,8 +292,9 @@ def _restore(training: TowerTraining, payload: WorkerPayload) -> Progress:
     training.load_state_dict(ckpt.load_shard(data, groups.tower, progress, checkpoint.path))
     if groups.rank == 0:
         say(f"[train] resumed from epoch {progress['epoch']} step {progress['step']} ({checkpoint.path})")
-    return Progress(epoch=progress["epoch"], step=progress["step"],
-                    epoch_totals=list(progress.get("epoch_totals") or [0.0, 0.0, 0.0]))
+    carried = [p for p in progress.get(UNCONFIRMED_METRICS, []) if p["step"] > payload.last_logged_step]
+    return (Progress(epoch=progress["epoch"], step=progress["step"],
+                     epoch_totals=list(progress.get("epoch_totals") or [0.0, 0.0, 0.0])), carried)
 
 
 def _node_label() -> str:
@@ -367,12 +377,16 @@ def train_worker(config: dict) -> None:
     check_tower_placement(layout, _node_label(), payload.allow_cross_node_towers)
     device = ray.train.torch.get_device()
     training = build_training(payload.training, groups, device)
-    start = _restore(training, payload)
+    start, carried_points = _restore(training, payload)
     loop = payload.loop
     total_steps = loop.steps_per_epoch * loop.epochs
     if loop.max_steps:
         total_steps = min(total_steps, loop.max_steps)
     tracker, stop_system = _start_tracking(payload, groups.rank)
+    if tracker and carried_points:
+        say(f"[mlflow] sending {tracker.resend(carried_points)} metric points the checkpoint carried "
+            f"(steps {min(p['step'] for p in carried_points)}-{max(p['step'] for p in carried_points)}, "
+            "not in MLflow when this run started)")
     hooks = RayHooks(payload, training, tracker, total_steps)
     try:
         run_training(

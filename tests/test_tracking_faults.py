@@ -116,3 +116,48 @@ def test_server_gone_for_good_spills_unsent_points_that_resend_later(tmp_path, w
         _assert_complete_history(mlflow.MlflowClient(server.url), handle.run_id)
     finally:
         server.stop()
+
+
+class _Killed(Exception):
+    """Stands for the worker's SIGKILL: nothing after it runs."""
+
+
+def test_points_a_checkpoint_carries_are_sent_after_a_crash(tmp_path, worker_http):
+    """A worker killed after a checkpoint but before its sender delivered the
+    points that checkpoint covers: the points travel in the checkpoint
+    (`unconfirmed_points` goes into progress.json), and the resumed run sends
+    them (`resend`), once, however often it is repeated."""
+    server = start_mlflow_server(tmp_path)
+    config = TrackingConfig(uri=server.url, experiment="faults")
+    handle = open_run(config, "carried", {"x": 1})
+    tracker = WorkerTracker(handle, system_metrics=False, retry_interval_s=0.5)
+    carried: list[dict] = []
+
+    def fault(checkpoint: int) -> None:
+        if checkpoint == 2:  # step 10: what came before is in MLflow
+            wait_until(lambda: tracker.unsent_points == 0, 60, "the first points to be sent")
+            server.stop()
+        elif checkpoint == 4:  # step 20: its checkpoint holds what the sender could not deliver
+            carried.extend(tracker.unconfirmed_points())
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train_with_tracker(tracker, EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY, after_checkpoint=fault)
+    tracker.close(timeout_s=0)  # the process is gone: its queue with it
+    assert sorted({p["step"] for p in carried}) == list(range(11, 21))
+
+    server = start_mlflow_server(tmp_path, port=server.port)
+    try:
+        resumed = open_run(config, "carried", {"x": 1})
+        assert resumed.run_id == handle.run_id and resumed.resumed
+        for _ in range(2):  # a second resume from the same checkpoint sends them again: nothing doubles
+            tracker = WorkerTracker(resumed, system_metrics=False, retry_interval_s=0.5)
+            assert tracker.resend(carried) == len(carried)
+            assert tracker.close(timeout_s=60).unsent_points == 0
+        client = mlflow.MlflowClient(server.url)
+        for key in STEP_KEYS:
+            steps = [m.step for m in client.get_metric_history(handle.run_id, key)]
+            assert sorted(steps) == list(range(1, 21)), f"{key}: {sorted(steps)}"
+        assert sorted(m.step for m in client.get_metric_history(handle.run_id, "val_top1_error")) == [10, 20]
+    finally:
+        server.stop()

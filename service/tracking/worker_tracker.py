@@ -207,6 +207,26 @@ class WorkerTracker:
                 values["best_epoch"] = float(epoch)
         self.pending.extend(self._metric(key, value, timestamp, step) for key, value in values.items())
 
+    def unconfirmed_points(self) -> list[dict]:
+        """Every point MLflow has not accepted yet (flushed but queued, and held
+        since the last flush), as JSON-able dicts: the checkpoint being written
+        carries them, so a crash before the sender delivers them loses none
+        (`resend` sends them again after a resume)."""
+        with self._sender.condition:
+            queued = [m for item in self._sender.queue if item[0] == "metrics" for m in item[1]]
+        return [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                for m in queued + self.pending]
+
+    def resend(self, points: list[dict]) -> int:
+        """Queue points carried by the checkpoint a run resumed from (they are
+        covered by it, so they are sent without waiting for a flush). Sending
+        a point the store already holds is harmless: MLflow's SQL stores skip
+        a point identical in key, value, timestamp and step."""
+        metrics = [self._metric(p["key"], p["value"], p["timestamp"], p["step"]) for p in points]
+        for start in range(0, len(metrics), BATCH_LIMIT):
+            self._sender.put(("metrics", metrics[start : start + BATCH_LIMIT]))
+        return len(metrics)
+
     def flush(self) -> None:
         """Release the held metrics for sending (call once a checkpoint is durable)."""
         for start in range(0, len(self.pending), BATCH_LIMIT):

@@ -2,8 +2,9 @@
 
     tower_<t>.pt     tower t's shard: model, optimizer and schedule state
     progress.json    epoch, step, layout, spec, the run's redacted config,
-                     MLflow run id, metrics, and the size and SHA-256 of
-                     every shard
+                     MLflow run id, metrics, the size and SHA-256 of every
+                     shard, and (service runs) the metric points MLflow had
+                     not confirmed when it was written
 
 Replica 0's towers each write their own shard (replicas hold identical
 weights after every step); rank 0 writes progress.json. A checkpoint is
