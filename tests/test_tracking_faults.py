@@ -89,17 +89,28 @@ def test_outage_mid_run_training_goes_on_and_every_point_arrives_once(tmp_path, 
         servers[-1].stop()
 
 
-def test_server_gone_for_good_spills_unsent_points_that_resend_later(tmp_path, worker_http):
+def test_unsent_points_travel_in_the_checkpoint_and_the_spill_file(tmp_path, worker_http):
+    """MLflow gone from step 10 on. (a) A worker killed after the step-20
+    checkpoint: that checkpoint carries the points its sender had not
+    delivered (`unconfirmed_points` goes into progress.json) and the resumed
+    run sends them (`resend`). (b) Server gone for good: the job ends, the
+    unsent points go to a spill file that `resend_spilled` logs later. Points
+    sent twice (carried and spilled, or the command run again) never double."""
     server = start_mlflow_server(tmp_path)
-    handle = open_run(TrackingConfig(uri=server.url, experiment="faults"), "gone", {"x": 1})
+    config = TrackingConfig(uri=server.url, experiment="faults")
+    handle = open_run(config, "gone", {"x": 1})
     tracker = WorkerTracker(handle, system_metrics=False, retry_interval_s=0.5)
+    carried: list[dict] = []
 
     def fault(checkpoint: int) -> None:
         if checkpoint == 2:  # step 10
             wait_until(lambda: tracker.unsent_points == 0, 60, "the first points to be sent")
             server.stop()
+        elif checkpoint == 4:  # step 20: what its checkpoint would carry
+            carried.extend(tracker.unconfirmed_points())
 
     train_with_tracker(tracker, EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY, after_checkpoint=fault)
+    assert sorted({p["step"] for p in carried}) == list(range(11, 21))
     spill_folder = tmp_path / "checkpoints" / "gone"
     report = tracker.close(spill=file_spill(str(spill_folder), handle.run_id), timeout_s=3)
     assert report.spilled and report.unsent_points > 0
@@ -111,53 +122,19 @@ def test_server_gone_for_good_spills_unsent_points_that_resend_later(tmp_path, w
 
     server = start_mlflow_server(tmp_path, port=server.port)
     try:
-        assert resend_spilled(server.url, spill_file.read_bytes()) == report.unsent_points
-        resend_main([server.url, str(spill_file)])  # again, through the command: adds nothing
-        _assert_complete_history(mlflow.MlflowClient(server.url), handle.run_id)
-    finally:
-        server.stop()
-
-
-class _Killed(Exception):
-    """Stands for the worker's SIGKILL: nothing after it runs."""
-
-
-def test_points_a_checkpoint_carries_are_sent_after_a_crash(tmp_path, worker_http):
-    """A worker killed after a checkpoint but before its sender delivered the
-    points that checkpoint covers: the points travel in the checkpoint
-    (`unconfirmed_points` goes into progress.json), and the resumed run sends
-    them (`resend`), once, however often it is repeated."""
-    server = start_mlflow_server(tmp_path)
-    config = TrackingConfig(uri=server.url, experiment="faults")
-    handle = open_run(config, "carried", {"x": 1})
-    tracker = WorkerTracker(handle, system_metrics=False, retry_interval_s=0.5)
-    carried: list[dict] = []
-
-    def fault(checkpoint: int) -> None:
-        if checkpoint == 2:  # step 10: what came before is in MLflow
-            wait_until(lambda: tracker.unsent_points == 0, 60, "the first points to be sent")
-            server.stop()
-        elif checkpoint == 4:  # step 20: its checkpoint holds what the sender could not deliver
-            carried.extend(tracker.unconfirmed_points())
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        train_with_tracker(tracker, EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY, after_checkpoint=fault)
-    tracker.close(timeout_s=0)  # the process is gone: its queue with it
-    assert sorted({p["step"] for p in carried}) == list(range(11, 21))
-
-    server = start_mlflow_server(tmp_path, port=server.port)
-    try:
-        resumed = open_run(config, "carried", {"x": 1})
+        client = mlflow.MlflowClient(server.url)
+        resumed = open_run(config, "gone", {"x": 1})
         assert resumed.run_id == handle.run_id and resumed.resumed
-        for _ in range(2):  # a second resume from the same checkpoint sends them again: nothing doubles
+        # (a) as a run resumed from the step-20 checkpoint would, twice over
+        for _ in range(2):
             tracker = WorkerTracker(resumed, system_metrics=False, retry_interval_s=0.5)
             assert tracker.resend(carried) == len(carried)
             assert tracker.close(timeout_s=60).unsent_points == 0
-        client = mlflow.MlflowClient(server.url)
         for key in STEP_KEYS:
-            steps = [m.step for m in client.get_metric_history(handle.run_id, key)]
-            assert sorted(steps) == list(range(1, 21)), f"{key}: {sorted(steps)}"
-        assert sorted(m.step for m in client.get_metric_history(handle.run_id, "val_top1_error")) == [10, 20]
+            assert sorted(m.step for m in client.get_metric_history(handle.run_id, key)) == list(range(1, 21)), key
+        # (b) the spill file, then again through the command: adds only what was missing
+        assert resend_spilled(server.url, spill_file.read_bytes()) == report.unsent_points
+        resend_main([server.url, str(spill_file)])
+        _assert_complete_history(client, handle.run_id)
     finally:
         server.stop()
