@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections import deque
 from contextlib import contextmanager
 from typing import Optional
 
@@ -116,6 +117,9 @@ class ShareLoader:
         self.source, self.device = source, device
         self._decoder = nvimgcodec_decoder(device, threads) if source.decode == "device" else None
         self._warned_host_decode = False
+        # CUDA: decoded images (nvImageCodec's memory, viewed without a copy) stay
+        # referenced until the crops copied out of them have run on the stream.
+        self._in_flight: deque = deque()
 
     def __call__(self, share: dict, split: str) -> Batch:
         label = _to_device(np.asarray(share["label"], np.int64), self.device)
@@ -132,6 +136,8 @@ class ShareLoader:
         source, size, device = self.source, self.source.image_size, self.device
         jpegs = list(share["jpeg"])
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        while self._in_flight and self._in_flight[0][0].query():
+            self._in_flight.popleft()
         with _native_output_silenced():
             decoded = self._decoder.decode(jpegs, cuda_stream=stream)
         crops = () if split == "train" or source.eval_crop_count == 1 else (source.eval_crop_count,)
@@ -150,6 +156,10 @@ class ShareLoader:
                 out[row] = cut
             else:
                 out[row] = scale_image(cut, size, size)
+        if device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(device))
+            self._in_flight.append((copied, decoded))
         return out
 
     def _tensor(self, image) -> torch.Tensor:
