@@ -101,12 +101,11 @@ def tower_batches(shares: Iterable, prepare: Prepare, groups: RankGroups, device
     into its device batch. Empty shares are skipped.
     """
     if device.type != "cuda":
-        for batch in _gathered(shares, prepare, groups, device):
-            yield batch
+        yield from _gathered(shares, prepare, groups, device)
         return
     side = torch.cuda.Stream(device=device)
     pending: deque = deque()
-    batches = _gathered(shares, prepare, groups, device, side)
+    batches = _gathered(shares, prepare, groups, device)
     while True:
         with torch.cuda.stream(side):
             batch = next(batches, None)  # prepared and gathered on the side stream
@@ -120,8 +119,7 @@ def tower_batches(shares: Iterable, prepare: Prepare, groups: RankGroups, device
             return
 
 
-def _gathered(shares: Iterable, prepare: Prepare, groups: RankGroups, device: torch.device,
-              side: Optional["torch.cuda.Stream"] = None) -> Iterator[Batch]:
+def _gathered(shares: Iterable, prepare: Prepare, groups: RankGroups, device: torch.device) -> Iterator[Batch]:
     """Prepare each share and gather the replica's batch, until every lane has ended."""
     local = iter(shares)
     while True:
