@@ -30,12 +30,6 @@ from service.parallel.groups import single_process_groups
 from service.parallel.layout import ParallelLayout
 
 
-class _CpuShares:
-    """The few fields of a DataSource that `ShareLoader` reads in cpu mode."""
-
-    decode = "cpu"
-
-
 def events_time(device: torch.device, fn, repeats: int) -> float:
     """Seconds per call of `fn`, median over `repeats`, from CUDA events (host clock on CPU)."""
     times = []
@@ -88,7 +82,7 @@ def _prefetch_time(device: torch.device, host: torch.Tensor, copies: int, depth:
     n = host.shape[0]
     shares = [{"image": host.numpy().copy(), "label": np.zeros(n, np.int64), "flip": np.arange(n) % 2 == 0,
                "lighting": np.zeros((n, 3), np.float32)} for _ in range(copies + depth + 2)]
-    loader = ShareLoader(_CpuShares(), device)
+    loader = ShareLoader.for_decoded(device)
     groups = single_process_groups(ParallelLayout(1, 1))
     stream = tower_batches(iter(shares), lambda share: loader(share, "train"), groups, device, depth)
     for _ in range(depth + 2):  # fill the pipeline and let the pinned allocator warm up

@@ -9,17 +9,25 @@ others still run):
 1. JPEG decode + the paper's augmentation, images/s on one core and with
    N processes at once on this machine's CPUs (bench/decode_rate.py);
 2. host -> device copy of uint8 [256, 224, 224, 3] batches: pageable, pinned,
-   and the service's prefetcher (bench/copy_rate.py);
-3. the training step (bench/step_rate.py): alexnet T=1 and the two-tower
+   and the service's share loader + prefetcher (bench/copy_rate.py); then
+   batched decode of shorter-side-256 JPEGs on the device at batch 128 and
+   256 (bench/device_decode_rate.py): nvImageCodec's hardware (NVJPG) and
+   CUDA backends, and torchvision's decode_jpeg, images/s (~10 s);
+3. the one-rank collective check (bench/one_rank_check.py): the exchanges,
+   DDP's bf16 hook and the batch split/gather on NCCL in a world of one,
+   each against plain torch on the same GPU, pass/fail and seconds (<= 20 s);
+4. the training step (bench/step_rate.py): alexnet T=1 and the two-tower
    reference at batch 128/256/512, fp32 vs bf16+channels_last(+TF32,
    cudnn.benchmark) vs +torch.compile; median step time from CUDA events
    after warm-up, images/s, MFU = train FLOPs per image x images/s / peak;
    and one tower of T=2/4/8 alone (bf16+cl, the middle batch): the compute
    per tower that bench/project.py adds modelled exchange times to.
 
-Time budget (H100/H200): imports ~10 s, decode ~25 s, copies ~5 s, the 15
+Time budget (H100/H200): imports ~10 s, decode ~25 s, copies ~5 s, the
+one-rank check <= 20 s, the 15
 eager rows ~1 min (cuDNN autotuning included), each compile row ~1-1.5 min
-(cold Inductor cache). Compile runs at batch 256 only by default
+(cold Inductor cache; they need a C compiler and the Python headers, and
+are recorded as skipped without them). Compile runs at batch 256 only by default
 (`--compile-batches`), after every eager row; a row that would not fit in
 what is left of `--budget-s` is skipped and recorded as skipped.
 """
@@ -30,7 +38,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
+import sysconfig
 import sys
 import time
 from dataclasses import asdict
@@ -41,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench import copy_rate, decode_rate  # noqa: E402
+from bench import copy_rate, decode_rate, device_decode_rate, one_rank_check  # noqa: E402
 from bench.step_rate import MODELS, MODES, PAPER, TOWER_MODELS, RowPlan, Shape, measure_row  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s per GPU from NVIDIA's datasheets: bf16
@@ -71,6 +81,23 @@ def device_peaks(name: str) -> tuple[dict | None, str]:
     return None, f"unknown device {name!r}: pass --peak-bf16-tflops/--peak-fp32-tflops for MFU"
 
 
+def c_compiler() -> str | None:
+    """The C compiler Triton would build its launcher with ($CC, else cc/gcc/clang), if any."""
+    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    return next((found for found in map(shutil.which, candidates) if found), None)
+
+
+def compile_toolchain_problem() -> str | None:
+    """Why compile rows cannot run here, or None: Inductor builds a launcher
+    (Triton on GPU, C++ on CPU) at run time, which needs a compiler and Python.h."""
+    if not c_compiler():
+        return "skipped: no C compiler (set CC or install gcc)"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.exists():
+        return f"skipped: no Python headers ({headers} missing: install python3-dev)"
+    return None
+
+
 def environment(device: torch.device) -> dict:
     """Device, software versions and git revision, recorded with every result."""
     def git(*args: str) -> str:
@@ -85,11 +112,22 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "driver": _driver_version() if cuda else None,
+        "c_compiler": c_compiler(),
         "python": platform.python_version(),
         "cpu_cores": len(os.sched_getaffinity(0)),
         "git_revision": git("rev-parse", "HEAD") or "unknown",
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
     }
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except OSError:
+        return None
+    return out.splitlines()[0] if out else None
 
 
 def plan_rows(batches: list[int], compile_batches: list[int], compile_on: bool, tower_batch: int) -> list[RowPlan]:
@@ -112,11 +150,15 @@ def add_mfu(row: dict, peaks: dict | None) -> None:
 
 def run_steps(plans: list[RowPlan], device: torch.device, args, deadline: float, log, on_row) -> None:
     """Measure each planned row (or record it as skipped) and hand it to `on_row`."""
+    toolchain = compile_toolchain_problem() if any(MODES[plan.mode][1] for plan in plans) else None
     for plan in plans:
-        need = COMPILE_ROW_S if MODES[plan.mode][1] else EAGER_ROW_S
+        compiled = MODES[plan.mode][1]
+        need = COMPILE_ROW_S if compiled else EAGER_ROW_S
         left = deadline - time.monotonic()
-        if not args.dry_run and left < need:
+        reason = toolchain if compiled and toolchain else None
+        if not reason and not args.dry_run and left < need:
             reason = f"time budget: {left:.0f} s left, a {plan.mode} row needs up to {need:.0f} s"
+        if reason:
             on_row({"model": plan.model, "batch": plan.batch, "mode": plan.mode, "skipped": reason})
             log(f"skip  {plan.model:<14} batch {plan.batch:>4} {plan.mode}: {reason}")
             continue
@@ -140,7 +182,8 @@ def _section(name: str, fn, log) -> dict:
 
 def print_tables(record: dict) -> None:
     env = record["environment"]
-    print(f"\n{env['device']} | torch {env['torch']} | CUDA {env['cuda']} | git {env['git_revision'][:10]}"
+    print(f"\n{env['device']} | torch {env['torch']} | CUDA {env['cuda']} | driver {env['driver']}"
+          f" | git {env['git_revision'][:10]}"
           f" | peak: {record['peak_source']}")
     steps = record["steps"]
     clock = "host clock, CPU dry run" if record["dry_run"] else "CUDA events"
@@ -158,12 +201,26 @@ def print_tables(record: dict) -> None:
         mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
         memory = f"{row['max_memory_gib']:.1f}" if row.get("max_memory_gib") is not None else "-"
         print(f"{label} {row['step_ms']:>8.2f} {row['images_per_s']:>9.0f} {ratio:>8} {row['achieved_tflops']:>8.1f} {mfu:>6} {memory:>6}")
+    check = record["one_rank"]
+    if "result" in check:
+        result = check["result"]
+        print(f"\none-rank {result['backend']} check ({result['wall_s']:.1f} s): {'PASS' if result['passed'] else 'FAIL'}")
+        for row in result["checks"]:
+            print(f"  {row['name']:<26} {'pass' if row['passed'] else 'FAIL'} {row['seconds']:>6.2f} s  "
+                  f"{row.get('detail') or row.get('error')}")
+    else:
+        print(f"\none-rank check: FAILED {check['error']}")
     copies = record["copy"]
     print(f"\nhost -> device, {record['config']['copy_batch']} (CUDA events; the prefetcher on the host clock)")
     for row in copies.get("result", []):
         print(f"  {row['method']:<52} {row['gb_per_s']:>7.1f} GB/s {row['batches_per_s']:>8.0f} batches/s")
     if "error" in copies:
         print(f"  FAILED: {copies['error']}")
+    if "result" in record["device_decode"]:
+        print()
+        device_decode_rate.print_table(record["device_decode"]["result"])
+    else:
+        print(f"\ndevice decode: FAILED {record['device_decode']['error']}")
     decode = record["decode"]
     if "result" in decode:
         result = decode["result"]
@@ -221,7 +278,7 @@ def main() -> None:
     if args.peak_bf16_tflops or args.peak_fp32_tflops:
         peaks = {"bf16": args.peak_bf16_tflops or None, "fp32": args.peak_fp32_tflops or None}
         peak_source = "given on the command line"
-    log(f"{env['device']}, torch {env['torch']}, CUDA {env['cuda']}")
+    log(f"{env['device']}, torch {env['torch']}, CUDA {env['cuda']}, driver {env['driver']}")
     copy_batch = 8 if args.dry_run else 256
     record = {
         "benchmark": "gpu_bench",
@@ -249,6 +306,14 @@ def main() -> None:
     record["copy"] = _section("copy", lambda: copy_rate.measure(device, batch=copy_batch, copies=3 if args.dry_run else 20), log)
     save()
     log("copies done")
+    record["device_decode"] = _section(
+        "device_decode", lambda: device_decode_rate.measure(device, [8] if args.dry_run else [128, 256],
+                                                            2 if args.dry_run else 10), log)
+    save()
+    log("device decode done")
+    record["one_rank"] = _section("one_rank", lambda: one_rank_check.one_rank_check(device), log)
+    save()
+    log(f"one-rank check: {'pass' if record['one_rank'].get('result', {}).get('passed') else 'FAIL'}")
 
     def on_row(row: dict) -> None:
         add_mfu(row, peaks)

@@ -39,7 +39,7 @@ import torch
 from service.config import RecipeConfig
 from service.model import AlexNetTower, ReferenceAlexNet, alexnet_spec
 from service.model.spec import AlexNetSpec
-from service.model.summary import layer_table
+from service.model.summary import forward_macs, layer_table
 from service.parallel.groups import single_process_groups
 from service.parallel.layout import ParallelLayout
 from service.train.build import (
@@ -102,6 +102,21 @@ def train_flops_per_image(spec: AlexNetSpec) -> float:
     """
     _, totals = layer_table(spec)
     return totals.macs * 2.0 * 3.0
+
+
+def tower_train_flops_per_image(spec: AlexNetSpec, tower: int = 0) -> float:
+    """The same convention for tower `tower` of `spec.towers` alone: the layers
+    it holds (1/towers of every layer, all of a replicated fc8), counted from
+    the module it runs, not the whole replica's network."""
+    with torch.device("meta"):
+        model = AlexNetTower(spec, tower, _standin_exchange(spec.towers))
+    return forward_macs(model, spec.image_size) * 2.0 * 3.0
+
+
+def row_flops_per_image(model: str, shape: Shape = PAPER) -> float:
+    """Train FLOPs per image of a benchmarked network, as the row's device runs it."""
+    spec = model_spec(model, shape)
+    return tower_train_flops_per_image(spec) if model in TOWER_MODELS else train_flops_per_image(spec)
 
 
 def _options(spec: AlexNetSpec, mode: str, steps: int) -> TrainingOptions:
@@ -213,7 +228,7 @@ def measure_row(plan: RowPlan, device: torch.device, steps: int, warmup: int, sh
         if not torch.isfinite(torch.tensor(loss)):
             raise FloatingPointError(f"loss became {loss} (numerics broken in this mode)")
         median = statistics.median(times)
-        flops = train_flops_per_image(spec)
+        flops = row_flops_per_image(plan.model, shape)
         row.update(
             step_ms=median * 1000,
             step_ms_min=min(times) * 1000,

@@ -37,6 +37,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from service.data.device_decode import ShareLoader
 from service.parallel.batches import tower_batches
+from service.parallel.groups import set_worker_device
 from service.parallel.placement import check_tower_placement
 from service.ray_cluster import quiet_ray_logging, ray_verbose
 from service.resume import checkpoint_dir_name, find_resume_point
@@ -375,6 +376,7 @@ def _stop_tracking(payload: WorkerPayload, tracker, stop_system) -> None:
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker function."""
     payload: WorkerPayload = config["payload"]
+    set_worker_device(ray.train.torch.get_device())  # before any NCCL group or CUDA stream exists
     quiet_ray_logging()
     layout = payload.training.layout
     groups = rank_groups(layout)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.gpu_bench import device_peaks, plan_rows
+from bench.one_rank_check import CHECKS
 from bench.step_rate import MODELS, TOWER_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +77,7 @@ def test_dry_run_needs_only_torch_numpy_pillow(tmp_path):
     assert decode["transform_code"] == "service.data.transforms"
     assert decode["per_core_images_per_s"] > 0 and [r["processes"] for r in decode["scaling"]] == [1, 2]
     assert record["copy"]["result"][0]["gb_per_s"] > 0
+    # The one-rank collective check on gloo: every named check ran and passed.
+    check = record["one_rank"]["result"]
+    assert check["backend"] == "gloo" and check["passed"], check
+    assert [row["name"] for row in check["checks"]] == [name for name, _ in CHECKS]

@@ -121,6 +121,13 @@ class ShareLoader:
         # referenced until the crops copied out of them have run on the stream.
         self._in_flight: deque = deque()
 
+    @classmethod
+    def for_decoded(cls, device: torch.device) -> "ShareLoader":
+        """A loader of decode="cpu" shares (decoded crops) that needs no dataset (benchmarks, checks)."""
+        loader = cls.__new__(cls)
+        loader.source, loader.device, loader._decoder = None, device, None
+        return loader
+
     def __call__(self, share: dict, split: str) -> Batch:
         label = _to_device(np.asarray(share["label"], np.int64), self.device)
         lighting = _to_device(np.asarray(share["lighting"], np.float32), self.device)

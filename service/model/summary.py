@@ -73,6 +73,24 @@ def layer_table(spec: AlexNetSpec) -> tuple[list[LayerRow], Totals]:
     return rows, Totals(sum(r.parameters for r in rows) + extra, sum(r.macs for r in rows))
 
 
+def forward_macs(model: nn.Module, image_size: int) -> int:
+    """MACs of one image's forward pass through `model` (a meta-device module),
+    summed over the conv and linear layers it actually runs."""
+    macs = 0
+
+    def count(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        nonlocal macs
+        macs += _macs(module, output)
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        model.eval()(torch.empty(1, 3, image_size, image_size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return macs
+
+
 def format_table(spec: AlexNetSpec) -> str:
     rows, totals = layer_table(spec)
     header = f"{'layer':<6} {'tower slice':<24} {'output (C,H,W)':<18} {'parameters':>12} {'MACs':>14}"

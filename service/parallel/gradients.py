@@ -32,7 +32,9 @@ def wrap_data_parallel(model: nn.Module, groups: RankGroups, compression: str = 
     """`model` under DDP on this tower's data-parallel group (itself with one replica).
 
     Gradients live in DDP's buckets (`gradient_as_bucket_view`: no copy
-    between `.grad` and the all-reduce buffer). `compression="bf16"` sends
+    between `.grad` and the all-reduce buffer, provided they are zeroed in
+    place between steps: `zero_grad(set_to_none=True)` drops the views and
+    brings the copy back, see `TowerStep.zero_grad`). `compression="bf16"` sends
     the all-reduce in bfloat16 (half the bytes across nodes); the averaged
     result is written back in fp32.
     """

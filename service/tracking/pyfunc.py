@@ -15,18 +15,26 @@ turns into HTTP 400 with the message (no stack trace).
 
 From Python, uint8 arrays work too:
 `mlflow.pyfunc.load_model(uri).unwrap_python_model().classify([array])`.
+
+Logged as a "model from code" (`pyfunc_model.py`): no CloudPickle in the
+model. Versions registered before that hold a pickled `AlexNetPyfunc`;
+CloudPickle stored the class by reference (module and name), so they load
+into this same class as long as `service` is importable (tests/test_model_from_code.py).
 """
 
 from __future__ import annotations
 
 import io
-import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 
 MODEL_FILES = "model_files"
+# The file MLflow logs as the model's code (see its docstring).
+MODEL_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
 IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = ("wnids", "names", "probabilities")
 MAX_IMAGES_PER_REQUEST = 256
@@ -38,11 +46,6 @@ def _invalid(message: str):
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-# MLflow inspects predict() when the class is defined and suggests type
-# hints; the explicit signature (see `signature`) is the contract here.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class AlexNetPyfunc(mlflow.pyfunc.PythonModel):
@@ -69,9 +72,10 @@ class AlexNetPyfunc(mlflow.pyfunc.PythonModel):
         except BadImage as error:
             raise _invalid(str(error)) from None
 
-    def predict(self, context, model_input, params: Optional[dict[str, Any]] = None):
-        import pandas as pd
-
+    # The DataFrame hint makes MLflow check the input against `signature()`
+    # (a binary `image` column) before predict runs; a DataFrame hint infers
+    # no schema of its own, so the explicit signature stays the contract.
+    def predict(self, context, model_input: pd.DataFrame, params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):
             if IMAGE_COLUMN not in model_input.columns:
                 raise _invalid(f"the input has columns {list(model_input.columns)}; send one column '{IMAGE_COLUMN}'")
@@ -106,7 +110,6 @@ def signature():
 
 def input_example():
     """One small gray JPEG: MLflow checks with it, at logging time, that the model serves."""
-    import pandas as pd
     from PIL import Image
 
     buffer = io.BytesIO()

@@ -81,7 +81,8 @@ def log_trained_model(
         with mlflow.start_run(run_id=handle.run_id, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
-                python_model=pyfunc.AlexNetPyfunc(),
+                # A path: a model from code, nothing pickled (see pyfunc_model.py).
+                python_model=pyfunc.MODEL_CODE,
                 artifacts={pyfunc.MODEL_FILES: str(files)},
                 signature=pyfunc.signature(),
                 input_example=pyfunc.input_example(),

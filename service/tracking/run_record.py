@@ -6,8 +6,9 @@
 - the source version: the git commit (`mlflow.source.git.commit`, which the UI
   shows as the run's source version) and, in containers, the image tag from
   $ALEXNET_IMAGE; the exact command, secrets redacted;
-- the experiment's kind tag, so the UI opens it as model training (MLflow 3
-  otherwise guesses, and an empty experiment opens in the GenAI view).
+- the experiment's kind tag (model training). MLflow 3's bare experiment
+  page still opens on the GenAI overview, so printed and documented links
+  point at `#/experiments/<id>/runs` or the run's page.
 """
 
 from __future__ import annotations

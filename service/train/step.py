@@ -93,7 +93,19 @@ class TowerStep:
         self.groups = groups
         self.options = options
         trained = wrap_data_parallel(model, groups, options.grad_compression)
+        self.data_parallel = trained is not model
         self.trained = torch.compile(trained) if options.compile else trained
+
+    def zero_grad(self) -> None:
+        """Clear the gradients for the next step.
+
+        Under DDP each `.grad` is a view into an all-reduce bucket
+        (`gradient_as_bucket_view`); setting it to None would drop the view,
+        and every backward would allocate a fresh gradient and copy it into
+        the bucket. So there they are zeroed in place; without DDP they are
+        dropped (no memset, and backward writes rather than accumulates).
+        """
+        self.optimizer.zero_grad(set_to_none=not self.data_parallel)
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and logits (device tensors); leaves global gradients in `.grad`."""
@@ -108,7 +120,7 @@ class TowerStep:
         return loss.detach(), logits.detach()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         loss, logits = self.forward_backward(images, labels)
         self.optimizer.step()
         return loss, logits
