@@ -37,7 +37,7 @@ export DO_NOT_TRACK := true
 help:
 	@echo "make demo      - generate data, train the small 2-tower AlexNet on local Ray, log to MLflow"
 	@echo "make test      - the whole test suite (unit, multi-process, Ray/MLflow/S3 integration, Helm)"
-	@echo "make bench     - CPU benchmarks: towers vs reference, input pipeline, 90-epoch projection"
+	@echo "make bench     - CPU benchmarks: towers vs reference, input pipeline, planning at scale, 90-epoch projection"
 	@echo "make bench-gpu - the GPU benchmark (bench/gpu.sh; on a machine with a CUDA GPU)"
 	@echo "make ui        - open the MLflow UI on the local tracking store"
 	@echo "make serve     - serve the registered model alexnet@best on http://127.0.0.1:5001"
@@ -75,6 +75,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/towers_cpu.py
 	$(PY) bench/input_pipeline.py
+	$(PY) bench/plan_scale.py
 	$(PY) bench/project.py
 
 # Needs a CUDA GPU and torch; see bench/gpu.sh for what it measures.

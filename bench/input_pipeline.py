@@ -1,77 +1,112 @@
-"""Input-pipeline throughput: the epoch datasets vs a DataLoader baseline vs the decode limit.
+"""Input pipeline, both decode modes: CPU-seconds per image by process class, object-store bytes, decode limit.
 
-    python bench/input_pipeline.py [--quick] [--images N] [--runs R] [--cores C] [--no-s3]
+    python bench/input_pipeline.py [--quick] [--images N] [--epochs E] [--cores C] [--share-rows S]
+                                   [--no-dashboard]
 
-Measures, on the same synthetic ImageNet-like images (~500x375 raw JPEGs,
-ingested to 256-px shards), on the same cores, the median images/s over
-`runs` epochs after one warm-up epoch:
+On a synthetic ImageNet-like dataset (~500x375 raw JPEGs ingested to
+shorter-side-256 shards, cached under data/bench/), a local Ray cluster of
+`cores` CPUs runs, for each mode (data.decode=cpu and =device), one lane's
+`lane_dataset` per epoch (Lane(0, 1): one replica, one tower; shares of
+`share_rows` rows; `cores` read tasks; the lane's object-store budget as
+training sets it), and this process consumes it as a tower does:
+`iter_shares` -> `ShareLoader(source, cpu)` (device mode: nvImageCodec's CPU
+backend decodes, as `data.decode=device` does on a CPU-only cluster). One
+warm-up epoch, then `epochs` measured epochs; the modes alternate epoch by
+epoch so both see the same machine state.
 
-- pipeline (local / s3): `epoch_dataset` (paper augmentation, 224 crops,
-  decode concurrency = all `cores`, as data.decode_concurrency=0 sizes it
-  when nothing else runs), one dataset per epoch as the training worker
-  builds it, iterated in batches of 128; "epoch" includes the per-epoch
-  start-up, "steady" starts at the first batch;
-- baseline: torch DataLoader (`cores` workers) over the raw JPEG files, PIL
-  decode + RandomResizedCrop(224) + flip + normalise to float CHW (the
-  common recipe; torchvision's maths in PIL/numpy/torch);
-- decode limit: PIL decode alone of the shard JPEGs, one process;
-- decode + augment: `decode.train_image` (what one decode task does per
-  image), one process: the per-core rate that sizes decode CPUs per GPU;
-- local iterator: `iter_epoch_local`, one process (the no-Ray path).
+What is measured (CPU-seconds = user + system, psutil, per process; robust
+to the other load on a shared machine, unlike wall-clock rates):
 
-Prints a table and the ratios against the targets (pipeline/baseline per
-core >= 2, steady pipeline/decode limit per core >= 0.7); writes
-bench/results/input_pipeline.json with the config and git revision.
-Generated data is cached under data/bench/ (gitignored). Not a test.
+- process classes, over this process and every process under it (the local
+  Ray cluster is started here, so raylet, GCS, dashboard and the workers
+  are its descendants):
+    read tasks  Ray worker processes (`ray::...`/default_worker.py): the
+                read tasks (cpu mode: read + params + decode + crop; device
+                mode: read + params)
+    consumer    this process, split into
+                  decode   (device mode) nvImageCodec's decode call: the
+                           calling thread's CPU time around the call plus
+                           the CPU of the threads the decoder started
+                  prepare  the rest of `ShareLoader` (crop copies, flip;
+                           torch on one thread, so all on the calling
+                           thread); on a GPU this is device work
+                  deliver  all else: Ray Data's executor, `iter_batches`,
+                           fetching blocks from the object store
+    ray system  every other process of the cluster (raylet, gcs_server,
+                dashboard and its agents, log monitor)
+  "steady" = from the moment the epoch's first share has been prepared to
+  the end of the epoch, over the images after the first share (the epoch's
+  start-up and first-share latency excluded); "epoch" = the whole epoch,
+  dataset creation included, over all its images: both are printed;
+- the idle cluster's CPU (every class, over `--idle-seconds` after the
+  warm-up epoch with nothing running), and how much of each mode's steady
+  per-image total it accounts for at that mode's rate: a fixed cost that a
+  faster pipeline spreads thinner;
+- wall-clock images/s over the same windows;
+- object-store bytes per image: the sum over the epoch of Ray Data's output
+  block sizes of the read operator (`ds.get_stats_summary()`, the figures
+  behind `ds.stats()`'s "output size bytes"), next to the sum of the consumed
+  shares' buffer sizes (numpy nbytes, plus the bytes objects' lengths in
+  device mode) and the stored JPEG bytes per image;
+- the decode limit, in a separate plain Python process (no Ray, no other
+  threads): cpu mode `CpuDecoder.train_crop` (simplejpeg decode + crop into
+  a row), device mode nvImageCodec's CPU backend on batches of `share_rows`
+  + the crop copy; CPU-seconds per image and one-process images/s, measured
+  before the first and after the last epoch (medians).
+
+The ratio "steady/cores / decode limit" is printed with its CPU-bound
+ceiling (decode+crop CPU / all-process CPU per image): the wall-clock ratio
+on a shared machine cannot exceed it, and the ceiling does not move with
+the machine's load.
+
+Prints the table and the issue's targets with PASS/FAIL read off it; writes
+bench/results/input_pipeline.json (config, git revision, every epoch's
+figures). Not a test. ~3 minutes with --quick, ~6-8 without (plus the
+one-off data generation).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import platform
 import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
+from bench.process_cpu import ProcessTree, TimedDecoder, cpu_delta  # noqa: E402
+from bench.record import git_revision, machine  # noqa: E402
 from service.config import DataConfig  # noqa: E402
-from service.data import storage, transforms  # noqa: E402
-from service.data.decode import train_image  # noqa: E402
-from service.data.epochs import DataSource, open_source  # noqa: E402
+from service.data import storage  # noqa: E402
+from service.data.epochs import DataSource, Lane, open_source  # noqa: E402
 from service.data.ingest import IngestConfig, run_ingest  # noqa: E402
-from service.data.pipeline import epoch_dataset, iter_epoch_local  # noqa: E402
 from service.data.synthetic import SynthConfig, generate  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGE_SIZE, RESIZE, BATCH = 224, 256, 128
+IMAGE_SIZE, RESIZE = 224, 256
+MODES = ("cpu", "device")
+CLASSES = ("read tasks", "consumer: decode", "consumer: prepare", "consumer: deliver", "ray system")
+# Issue #15's targets.
+DEVICE_OVERHEAD_MS = 0.1
+DEVICE_STORE_RATIO = 1.3
+CPU_TOTAL_RATIO = 1.25
+CPU_STEADY_RATIO = 0.7
 
 
-def git_revision() -> dict:
-    """Commit and dirty flag of the checkout that ran the benchmark."""
-    def run(*cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except OSError:
-            return ""
-
-    return {"commit": run("git", "rev-parse", "HEAD") or "none", "dirty": bool(run("git", "status", "--porcelain"))}
-
-
-def prepare_data(num_images: int, cores: int, log) -> tuple[str, str]:
-    """Raw synthetic JPEGs and their ingested shards (cached)."""
+def prepare_data(num_images: int, cores: int, log) -> str:
+    """Raw synthetic JPEGs and their ingested shards (cached under data/bench/); the shard root."""
     classes = 10
     per_class = max(1, num_images // classes)
-    base = os.path.join(REPO, "data", "bench", f"input_pipeline-{classes}x{per_class}")
-    raw, shards = os.path.join(base, "raw"), os.path.join(base, "shards")
+    base = ROOT / "data" / "bench" / f"input_pipeline-{classes}x{per_class}"
+    raw, shards = str(base / "raw"), str(base / "shards")
     if not os.path.isfile(os.path.join(raw, "synth_manifest.json")):
         start = time.time()
         storage.delete_prefix(raw)
@@ -79,116 +114,187 @@ def prepare_data(num_images: int, cores: int, log) -> tuple[str, str]:
                              layout="imagefolder", seed=0, size_scale=1.0, workers=cores))
         log(f"generated {classes * per_class} raw images in {time.time() - start:.0f} s -> {raw}")
     run_ingest(IngestConfig(source=raw, dest=shards, resize_size=RESIZE, shard_size=500), log=log)
-    return raw, shards
+    return shards
 
 
-def shard_jpegs(source: DataSource) -> list[tuple[str, bytes]]:
-    """(key, JPEG bytes) of every training image."""
+def shard_jpegs(source: DataSource, limit: int = 0) -> list[tuple[str, bytes]]:
+    """(key, stored JPEG bytes) of the training images, in stored order (the first `limit`; 0: all)."""
     import pyarrow.parquet as pq
 
-    out = []
+    out: list[tuple[str, bytes]] = []
     for rel in source.meta.shards["train"]:
         table = pq.read_table(storage.join(source.root, rel), columns=["key", "jpeg"])
         out += list(zip(table.column("key").to_pylist(), table.column("jpeg").to_pylist()))
+        if limit and len(out) >= limit:
+            return out[:limit]
     return out
 
 
-def bench_one_process(source: DataSource, images: list[tuple[str, bytes]], runs: int) -> dict[str, list[float]]:
-    """Decode alone, decode + paper augmentation, and iter_epoch_local, in one process,
-    alternated run by run so all see the same machine state (this VM's speed drifts)."""
-    from PIL import Image
+# --- the decode limit, in a process of its own ---------------------------------------------------
 
-    def decode() -> float:
-        start = time.perf_counter()
-        for _key, data in images:
-            Image.open(io.BytesIO(data)).load()  # shards are RGB already: no convert
-        return len(images) / (time.perf_counter() - start)
-
-    def augment() -> float:
-        start = time.perf_counter()
-        for key, data in images:
-            train_image(source, data, key, 0)
-        return len(images) / (time.perf_counter() - start)
-
-    def local() -> float:
-        start, seen = time.perf_counter(), 0
-        for batch in iter_epoch_local(source, "train", 1, 0, 1, batch_size=BATCH):
-            seen += len(batch["label"])
-        return seen / (time.perf_counter() - start)
-
-    decode(), augment()  # warm-up
-    rows = [(decode(), augment(), local()) for _ in range(runs)]
-    return {"decode_limit_1core": [r[0] for r in rows], "decode_augment_1core": [r[1] for r in rows],
-            "iter_epoch_local_1core": [r[2] for r in rows]}
-
-
-class RawImageDataset:
-    """The baseline: raw JPEG files -> RandomResizedCrop(224) + flip + normalise, float32 CHW."""
-
-    def __init__(self, paths: list[str], labels: list[int]):
-        self.paths, self.labels = paths, labels
-        self.mean = np.array([0.485, 0.456, 0.406], np.float32) * 255
-        self.std = np.array([0.229, 0.224, 0.225], np.float32) * 255
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        import torch
-        from PIL import Image
-
-        rng = np.random.default_rng()
-        img = Image.open(self.paths[index]).convert("RGB")
-        top, left, h, w = transforms.random_resized_crop_box(rng, img.height, img.width)
-        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, box=(left, top, left + w, top + h))
-        if rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        tensor = torch.from_numpy(np.asarray(img, dtype=np.float32))
-        tensor = ((tensor - torch.from_numpy(self.mean)) / torch.from_numpy(self.std)).permute(2, 0, 1)
-        return tensor, self.labels[index]
-
-
-def bench_baseline(raw: str, cores: int, runs: int) -> list[float]:
-    """DataLoader epochs over the raw files (one warm-up)."""
+def decode_limit(root: str, images: int, share_rows: int) -> dict:
+    """Decode + crop alone in this process: CPU-seconds per image and images/s, both decoders.
+    Run through `--decode-limit` in a fresh process, so no Ray thread shares its CPU time."""
     import torch
 
-    train = os.path.join(raw, "train")
-    paths, labels = [], []
-    for label, wnid in enumerate(sorted(os.listdir(train))):
-        for name in sorted(os.listdir(os.path.join(train, wnid))):
-            paths.append(os.path.join(train, wnid, name))
-            labels.append(label)
+    from service.data.decode import CpuDecoder, jpeg_size
+    from service.data.device_decode import nvimgcodec_decoder
+    from service.data.params import train_params
+
     torch.set_num_threads(1)
+    source = open_source(DataConfig(root=root, resize_size=RESIZE, shuffle_seed=0), IMAGE_SIZE, 1)
+    jpegs = shard_jpegs(source, images)
+    params = [train_params(source, key, 0, *jpeg_size(data)) for key, data in jpegs]
+    out = np.empty((share_rows, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
 
-    def once() -> float:
-        loader = torch.utils.data.DataLoader(RawImageDataset(paths, labels), batch_size=BATCH, shuffle=True,
-                                             num_workers=cores)
-        start, seen = time.perf_counter(), 0
-        for images, _labels in loader:
-            seen += len(images)
-        return seen / (time.perf_counter() - start)
+    def timed(run) -> dict:
+        run(jpegs[:share_rows], params[:share_rows])  # warm-up
+        cpu, wall = time.process_time(), time.perf_counter()
+        for lo in range(0, len(jpegs), share_rows):
+            run(jpegs[lo:lo + share_rows], params[lo:lo + share_rows])
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        return {"cpu_ms_per_image": cpu / len(jpegs) * 1e3, "images_per_s": len(jpegs) / wall}
 
-    once()
-    return [once() for _ in range(runs)]
+    decoder = CpuDecoder()
+
+    def simplejpeg_crop(part, part_params):
+        for row, ((_key, data), p) in enumerate(zip(part, part_params)):
+            decoder.train_crop(data, p, IMAGE_SIZE, "paper", out[row])
+
+    nvimgcodec = nvimgcodec_decoder(torch.device("cpu"))
+    target = torch.from_numpy(out)
+
+    def nvimgcodec_decode(part, _params):
+        return nvimgcodec.decode([data for _key, data in part])
+
+    def nvimgcodec_crop(part, part_params):
+        for row, (image, p) in enumerate(zip(nvimgcodec_decode(part, part_params), part_params)):
+            top, left, height, width = p.box
+            target[row] = torch.as_tensor(np.asarray(image.cpu()))[top:top + height, left:left + width]
+
+    return {"cpu": timed(simplejpeg_crop), "device_decode_only": timed(nvimgcodec_decode),
+            "device": timed(nvimgcodec_crop), "images": len(jpegs)}
 
 
-def bench_pipeline(source: DataSource, cores: int, runs: int) -> dict[str, list[float]]:
-    """Epochs of `epoch_dataset` (a new dataset per epoch, as the worker builds them)."""
-    out: dict[str, list[float]] = {"epoch": [], "steady": [], "first_batch_s": []}
-    for epoch in range(runs + 1):
-        start = time.perf_counter()
-        first_at, first_n, seen = None, 0, 0
-        ds = epoch_dataset(source, "train", epoch, 0, 1, concurrency=cores)
-        for batch in ds.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=2):
-            seen += len(batch["label"])
-            if first_at is None:
-                first_at, first_n = time.perf_counter(), seen
-        end = time.perf_counter()
-        if epoch:  # epoch 0 is the warm-up
-            out["epoch"].append(seen / (end - start))
-            out["steady"].append((seen - first_n) / max(end - first_at, 1e-9))
-            out["first_batch_s"].append(first_at - start)
+def run_decode_limit(root: str, images: int, share_rows: int) -> dict:
+    """`decode_limit` in a fresh Python process."""
+    result = subprocess.run([sys.executable, __file__, "--decode-limit", root, "--images", str(images),
+                             "--share-rows", str(share_rows)], capture_output=True, text=True, timeout=300)
+    if result.returncode:
+        raise RuntimeError(f"decode-limit process failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def share_nbytes(share: dict) -> int:
+    """Bytes of one consumed share's buffers (device mode: the JPEG bytes objects' lengths)."""
+    total = 0
+    for value in share.values():
+        value = np.asarray(value)
+        total += sum(len(v) for v in value) if value.dtype == object else value.nbytes
+    return total
+
+
+def store_bytes(dataset) -> float:
+    """Sum of the read operator's output block sizes, from Ray Data's execution stats
+    (`Dataset.get_stats_summary`, the figures behind `ds.stats()`); NaN if absent."""
+    try:
+        summary = dataset.get_stats_summary()
+    except Exception:  # noqa: BLE001 - a developer API: a missing figure is NaN, not a crash
+        return float("nan")
+    for op in reversed(summary.operators_stats):
+        if "MapBatches" in op.operator_name and op.output_size_bytes is not None:
+            return float(op.output_size_bytes.sum)
+    return float("nan")
+
+
+def run_epoch(source: DataSource, epoch: int, tree: ProcessTree, loader, decoder_threads: set[int],
+              share_rows: int, tasks: int, budget: float) -> dict:
+    """One epoch of one lane, consumed as a tower does; CPU-seconds by class and rates."""
+    from service.data.pipeline import iter_shares, lane_dataset
+
+    timed = loader._decoder if isinstance(loader._decoder, TimedDecoder) else None
+    start_snap, start_threads, start = tree.snapshot(), tree.thread_times(), time.perf_counter()
+    dataset = lane_dataset(source, "train", epoch, Lane(0, 1), share_rows, concurrency=tasks,
+                           object_store_bytes=budget)
+    images = consumed = 0
+    prepare = decode_call = 0.0
+    steady: dict = {}
+    for share in iter_shares(dataset, share_rows):
+        n = len(share["label"])
+        consumed += share_nbytes(share)
+        before_decode = timed.seconds if timed else 0.0
+        cpu = time.thread_time()
+        loader(share, "train")
+        spent = time.thread_time() - cpu
+        in_decode = (timed.seconds if timed else 0.0) - before_decode
+        images += n
+        if not steady:  # the first share marks the start of the steady part
+            steady = {"snap": tree.snapshot(), "threads": tree.thread_times(), "time": time.perf_counter(),
+                      "images": images, "prepare": prepare + spent - in_decode, "decode_call": decode_call + in_decode}
+        prepare += spent - in_decode
+        decode_call += in_decode
+    end_snap, end_threads, end = tree.snapshot(), tree.thread_times(), time.perf_counter()
+
+    def split(before_snap, before_threads, prepare_s, decode_call_s) -> tuple[dict[str, float], int]:
+        by_class, ended = cpu_delta(before_snap, end_snap)
+        pool = sum(end_threads.get(t, 0.0) - before_threads.get(t, 0.0) for t in decoder_threads)
+        consumer = by_class.pop("consumer", 0.0)
+        by_class["consumer: decode"] = decode_call_s + pool
+        by_class["consumer: prepare"] = prepare_s
+        by_class["consumer: deliver"] = consumer - by_class["consumer: decode"] - prepare_s
+        return by_class, ended
+
+    epoch_cpu, epoch_ended = split(start_snap, start_threads, prepare, decode_call)
+    steady_cpu, steady_ended = split(steady["snap"], steady["threads"], prepare - steady["prepare"],
+                                     decode_call - steady["decode_call"])
+    steady_images = images - steady["images"]
+    return {
+        "images": images, "steady_images": steady_images,
+        "epoch_s": end - start, "first_share_s": steady["time"] - start, "steady_s": end - steady["time"],
+        "epoch_images_per_s": images / (end - start),
+        "steady_images_per_s": steady_images / max(end - steady["time"], 1e-9),
+        "epoch_cpu_ms_per_image": {k: v / images * 1e3 for k, v in epoch_cpu.items()},
+        "steady_cpu_ms_per_image": {k: v / max(steady_images, 1) * 1e3 for k, v in steady_cpu.items()},
+        "processes_ended": {"epoch": epoch_ended, "steady": steady_ended},
+        "store_bytes_per_image": store_bytes(dataset) / images,
+        "consumed_bytes_per_image": consumed / images,
+    }
+
+
+def make_loaders(sources: dict[str, DataSource], tree: ProcessTree) -> dict[str, tuple[object, set[int]]]:
+    """Per mode: the tower-side ShareLoader on the CPU device (its decoder timed) and the threads
+    its decoder started. torch runs on one thread here, so the loader's tensor work (crop
+    copies, flip) is all on the calling thread and its thread CPU time accounts for it exactly.
+    One share is read and prepared in cpu mode first, so pyarrow's and torch's threads exist
+    before the decoder is made; the threads new after the device loader's first share are
+    then the decoder's own."""
+    import torch
+
+    from service.data.device_decode import ShareLoader
+    from service.data.pipeline import iter_lane_local
+
+    torch.set_num_threads(1)
+    out = {}
+    for mode in ("cpu", "device"):
+        share = next(iter_lane_local(sources[mode], "train", 0, Lane(0, 1), 32))
+        before = set(tree.thread_times())
+        loader = ShareLoader(sources[mode], torch.device("cpu"))
+        if loader._decoder is not None:
+            loader._decoder = TimedDecoder(loader._decoder)
+        loader(share, "train")
+        out[mode] = (loader, set(tree.thread_times()) - before)
     return out
+
+
+def idle_cpu(tree: ProcessTree, seconds: float) -> dict[str, float]:
+    """CPU-seconds per wall second of each class while nothing runs: the cluster's background
+    (Ray's daemons, idle workers' and this process's Ray threads), which a per-image figure
+    spreads over however many images pass in that time."""
+    before, start = tree.snapshot(), time.perf_counter()
+    time.sleep(seconds)
+    by_class, _ = cpu_delta(before, tree.snapshot())
+    wall = time.perf_counter() - start
+    return {kind: value / wall for kind, value in by_class.items()}
 
 
 def median(values: list[float]) -> float:
@@ -196,129 +302,183 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def with_moto_copy(shards: str, log, measure) -> dict[str, list[float]]:
-    """Copy the shards into a moto S3 server on 127.0.0.1 and run `measure(root, s3)` there."""
-    from tests.fixtures.s3 import S3Server, _free_port, _wait_ready
+def summarise(runs: list[dict], limits: list[dict], mode: str, jpeg_bytes: float, cores: int,
+              idle: dict[str, float]) -> dict:
+    """Medians over the measured epochs, the totals and the targets' ratios of one mode."""
+    steady = {k: median([r["steady_cpu_ms_per_image"].get(k, 0.0) for r in runs]) for k in CLASSES}
+    epoch = {k: median([r["epoch_cpu_ms_per_image"].get(k, 0.0) for r in runs]) for k in CLASSES}
+    limit_ms = median([lim[mode]["cpu_ms_per_image"] for lim in limits])
+    limit_rate = median([lim[mode]["images_per_s"] for lim in limits])
+    out = {
+        "steady_cpu_ms_per_image": steady, "epoch_cpu_ms_per_image": epoch,
+        "steady_total_ms": sum(steady.values()), "epoch_total_ms": sum(epoch.values()),
+        "steady_outside_decode_ms": sum(steady.values()) - steady["consumer: decode"],
+        "steady_pipeline_ms": steady["read tasks"] + steady["consumer: deliver"] + steady["ray system"],
+        "steady_images_per_s": median([r["steady_images_per_s"] for r in runs]),
+        "epoch_images_per_s": median([r["epoch_images_per_s"] for r in runs]),
+        "first_share_s": median([r["first_share_s"] for r in runs]),
+        "store_bytes_per_image": median([r["store_bytes_per_image"] for r in runs]),
+        "consumed_bytes_per_image": median([r["consumed_bytes_per_image"] for r in runs]),
+        "jpeg_bytes_per_image": jpeg_bytes,
+        "decode_limit_cpu_ms_per_image": limit_ms, "decode_limit_images_per_s_1core": limit_rate,
+    }
+    # The part of the steady per-image figures the idle cluster would have burnt anyway.
+    per_image_s = median([r["steady_s"] / max(r["steady_images"], 1) for r in runs])
+    out["idle_cpu_ms_per_image"] = sum(idle.values()) * per_image_s * 1e3
+    out["store_vs_jpeg"] = out["store_bytes_per_image"] / jpeg_bytes
+    out["total_vs_decode_limit"] = out["steady_total_ms"] / limit_ms
+    out["steady_vs_decode_limit_per_core"] = out["steady_images_per_s"] / cores / limit_rate
+    # What the steady ratio would be if the cores did nothing but this pipeline: the wall-clock
+    # ratio on a shared machine cannot exceed it, and it does not move with the machine's load.
+    out["cpu_bound_ratio_ceiling"] = limit_ms / out["steady_total_ms"]
+    return out
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        server = S3Server(endpoint_url=f"http://127.0.0.1:{port}")
-        _wait_ready(f"{server.endpoint_url}/moto-api/", proc)
-        server.create_bucket("bench")
-        s3 = server.settings()
-        log(f"moto S3 server on {server.endpoint_url} (pid {proc.pid}); copying the shards")
-        storage.copy_tree(shards, "s3://bench/imagenet", s3)
-        return measure("s3://bench/imagenet", s3)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+
+def targets(summary: dict[str, dict]) -> list[tuple[str, float, str, bool]]:
+    """(target, measured value, bound, met) for each of the issue's input targets. Device mode's
+    overhead is given twice: without and with the tower's crop copies and flip, which run on
+    the GPU in a GPU run but are CPU work here."""
+    device, cpu = summary["device"], summary["cpu"]
+    return [
+        ("device: read, params, transport, delivery, Ray; ms/image", device["steady_pipeline_ms"],
+         f"<= {DEVICE_OVERHEAD_MS}", device["steady_pipeline_ms"] <= DEVICE_OVERHEAD_MS),
+        ("device: the same + crop/flip on the CPU device; ms/image", device["steady_outside_decode_ms"],
+         f"<= {DEVICE_OVERHEAD_MS}", device["steady_outside_decode_ms"] <= DEVICE_OVERHEAD_MS),
+        ("device: object-store bytes / stored JPEG bytes", device["store_vs_jpeg"],
+         f"<= {DEVICE_STORE_RATIO}", device["store_vs_jpeg"] <= DEVICE_STORE_RATIO),
+        ("cpu: all-process CPU / decode+crop alone", cpu["total_vs_decode_limit"],
+         f"<= {CPU_TOTAL_RATIO}", cpu["total_vs_decode_limit"] <= CPU_TOTAL_RATIO),
+        ("cpu: steady img/s per core / decode limit per core", cpu["steady_vs_decode_limit_per_core"],
+         f">= {CPU_STEADY_RATIO}", cpu["steady_vs_decode_limit_per_core"] >= CPU_STEADY_RATIO),
+    ]
 
 
-def main() -> int:
-    """Run every measurement, print the table, write the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1000 images, 2 runs")
-    parser.add_argument("--images", type=int, default=4000)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--no-s3", action="store_true", help="skip the moto S3 measurement")
-    parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "input_pipeline.json"))
-    args = parser.parse_args()
-    if args.quick:
-        args.images, args.runs = 1000, 2
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
+def print_table(summary: dict[str, dict], cores: int, share_rows: int) -> None:
+    """The per-image table, both modes side by side, then the targets."""
+    cpu, device = summary["cpu"], summary["device"]
+    print(f"\nCPU ms per image by process class (steady part; whole epoch in brackets), {cores} cores, "
+          f"shares of {share_rows} rows")
+    print(f"{'':<34} {'decode=cpu':>22} {'decode=device':>22}")
+    for name in CLASSES:
+        print(f"{name:<34} {cpu['steady_cpu_ms_per_image'][name]:>11.3f} ({cpu['epoch_cpu_ms_per_image'][name]:>7.3f})"
+              f" {device['steady_cpu_ms_per_image'][name]:>11.3f} ({device['epoch_cpu_ms_per_image'][name]:>7.3f})")
+    rows = [
+        ("total, all processes", "steady_total_ms", "epoch_total_ms", "{:.3f}"),
+        ("  of which the idle cluster's CPU", "idle_cpu_ms_per_image", None, "{:.3f}"),
+        ("read + delivery + Ray (no decode/prep)", "steady_pipeline_ms", None, "{:.3f}"),
+        ("outside the consumer's decode", "steady_outside_decode_ms", None, "{:.3f}"),
+        ("decode limit: decode + crop alone", "decode_limit_cpu_ms_per_image", None, "{:.3f}"),
+        ("images/s (steady, epoch)", "steady_images_per_s", "epoch_images_per_s", "{:.0f}"),
+        ("decode limit images/s, 1 process", "decode_limit_images_per_s_1core", None, "{:.0f}"),
+        ("steady/cores / decode limit (CPU bound)", "steady_vs_decode_limit_per_core", "cpu_bound_ratio_ceiling",
+         "{:.2f}"),
+        ("seconds to the first share", "first_share_s", None, "{:.2f}"),
+        ("object-store bytes/image (Ray Data)", "store_bytes_per_image", None, "{:,.0f}"),
+        ("consumed share bytes/image", "consumed_bytes_per_image", None, "{:,.0f}"),
+        ("stored JPEG bytes/image", "jpeg_bytes_per_image", None, "{:,.0f}"),
+    ]
+    for label, key, bracket, fmt in rows:
+        cells = []
+        for mode in (cpu, device):
+            text = fmt.format(mode[key]) + (f" ({fmt.format(mode[bracket])})" if bracket else "")
+            cells.append(f"{text:>22}")
+        print(f"{label:<34} {' '.join(cells)}")
+    print("\ntargets (issue #15), read off the table:")
+    for name, value, bound, met in targets(summary):
+        print(f"  {name:<52} {value:8.3f}  {bound:<7} {'PASS' if met else 'FAIL'}")
+    for mode in MODES:
+        steady = summary[mode]["steady_cpu_ms_per_image"]
+        top = max(steady, key=steady.get)
+        print(f"  {mode} mode: largest steady cost is {top} ({steady[top]:.3f} ms/image of "
+              f"{summary[mode]['steady_total_ms']:.3f})")
+
+
+def start_ray(cores: int, dashboard: bool) -> None:
+    """A local cluster of `cores` CPUs started from this process (so its processes are our descendants)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
         token = os.path.join(tempfile.mkdtemp(prefix="bench-ray-"), "token")
         with open(token, "w") as f:
             f.write(secrets.token_hex(32))
         os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token)
-
     import ray
 
-    cores = args.cores
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-    try:
-        raw, shards = prepare_data(args.images, cores, log)
-        data_cfg = DataConfig(root=shards, resize_size=RESIZE, augmentation="paper", shuffle_seed=0)
-        source = open_source(data_cfg, IMAGE_SIZE, 1)
-        images = shard_jpegs(source)
-        results: dict[str, list[float]] = {}
-        log("measuring: decode limit, decode + paper augmentation, iter_epoch_local (1 process each)")
-        results.update(bench_one_process(source, images, args.runs))
-        log(f"measuring: baseline DataLoader ({cores} workers, raw JPEGs)")
-        results["baseline_dataloader"] = bench_baseline(raw, cores, args.runs)
-        log(f"measuring: epoch_dataset from a local folder ({cores} decode tasks)")
-        for name, values in bench_pipeline(source, cores, args.runs).items():
-            results[f"pipeline_local_{name}"] = values
-        if not args.no_s3:
-            def on_s3(root: str, s3: storage.S3Settings) -> dict[str, list[float]]:
-                s3_source = open_source(DataConfig(root=root, resize_size=RESIZE, **s3.as_fields()), IMAGE_SIZE, 1)
-                log("measuring: epoch_dataset from moto S3")
-                return bench_pipeline(s3_source, cores, args.runs)
+    ray.init(num_cpus=cores, include_dashboard=dashboard, log_to_driver=False)
+    import ray.data
 
-            for name, values in with_moto_copy(shards, log, on_s3).items():
-                results[f"pipeline_s3_{name}"] = values
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def main() -> int:
+    """Run every measurement, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2000 images, 1 measured epoch per mode")
+    parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument("--epochs", type=int, default=3, help="measured epochs per mode (after one warm-up)")
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--share-rows", type=int, default=128, help="rows per share (batch / towers)")
+    parser.add_argument("--limit-images", type=int, default=1024, help="images in each decode-limit measurement")
+    parser.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
+    parser.add_argument("--idle-seconds", type=float, default=3.0, help="idle-cluster CPU measured over this long")
+    parser.add_argument("--decode-limit", metavar="ROOT", help=argparse.SUPPRESS)  # the child process's mode
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "input_pipeline.json"))
+    args = parser.parse_args()
+    if args.decode_limit:
+        print(json.dumps(decode_limit(args.decode_limit, args.images, args.share_rows)))
+        return 0
+    if args.quick:
+        args.images, args.epochs, args.limit_images = 2000, 1, 512
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    start_ray(args.cores, not args.no_dashboard)
+    import ray
+
+    from service.data.pipeline import object_store_budget
+
+    try:
+        root = prepare_data(args.images, args.cores, log)
+        cfg = DataConfig(root=root, resize_size=RESIZE, augmentation="paper", shuffle_seed=0)
+        sources = {mode: open_source(cfg, IMAGE_SIZE, 1, decode=mode) for mode in MODES}
+        jpegs = shard_jpegs(sources["cpu"])
+        jpeg_bytes = float(np.mean([len(data) for _key, data in jpegs]))
+        tree = ProcessTree()
+        loaders = make_loaders(sources, tree)
+        budget = object_store_budget(1)
+        limits = [run_decode_limit(root, args.limit_images, args.share_rows)]
+        log(f"decode limit (1 process): {json.dumps(limits[0])}")
+        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        idle: dict[str, float] = {}
+        for epoch in range(args.epochs + 1):  # epoch 0 warms up Ray's workers and both modes' code
+            if epoch == 1:
+                idle = idle_cpu(tree, args.idle_seconds)
+                log("idle cluster, CPU-s per s: " + ", ".join(f"{k} {v:.3f}" for k, v in idle.items()))
+            for mode in MODES:
+                loader, threads = loaders[mode]
+                row = run_epoch(sources[mode], epoch, tree, loader, threads, args.share_rows, args.cores, budget)
+                log(f"epoch {epoch} {mode}: {row['steady_images_per_s']:.0f} img/s steady, "
+                    f"{sum(row['steady_cpu_ms_per_image'].values()):.3f} CPU ms/image"
+                    + (" (warm-up)" if epoch == 0 else ""))
+                if epoch:
+                    runs[mode].append(row)
+        limits.append(run_decode_limit(root, args.limit_images, args.share_rows))
+        log(f"decode limit (1 process): {json.dumps(limits[1])}")
     finally:
         ray.shutdown()
 
-    med = {k: median(v) for k, v in results.items()}
-    nan = float("nan")
-    per_core = {
-        "decode_limit": med["decode_limit_1core"],
-        "decode_augment": med["decode_augment_1core"],
-        "iter_epoch_local": med["iter_epoch_local_1core"],
-        "baseline_dataloader": med["baseline_dataloader"] / cores,
-        "pipeline_local": med["pipeline_local_epoch"] / cores,
-        "pipeline_local_steady": med["pipeline_local_steady"] / cores,
-        "pipeline_s3": med.get("pipeline_s3_epoch", nan) / cores,
-        "pipeline_s3_steady": med.get("pipeline_s3_steady", nan) / cores,
-    }
-    ratios = {
-        "pipeline_local_vs_baseline (target >= 2)": per_core["pipeline_local"] / per_core["baseline_dataloader"],
-        "pipeline_s3_vs_baseline": per_core["pipeline_s3"] / per_core["baseline_dataloader"],
-        "pipeline_local_steady_vs_decode_limit (target >= 0.7)":
-            per_core["pipeline_local_steady"] / per_core["decode_limit"],
-        "pipeline_local_steady_vs_decode_augment": per_core["pipeline_local_steady"] / per_core["decode_augment"],
-        "pipeline_local_vs_decode_limit": per_core["pipeline_local"] / per_core["decode_limit"],
-        "decode_augment_vs_decode_limit": per_core["decode_augment"] / per_core["decode_limit"],
-    }
-    rows = [
-        ("decode limit (PIL decode of 256-px shard JPEGs)", med["decode_limit_1core"], 1),
-        ("decode + paper augmentation (train_image)", med["decode_augment_1core"], 1),
-        ("iter_epoch_local (no Ray)", med["iter_epoch_local_1core"], 1),
-        (f"baseline: DataLoader raw JPEG + RRC ({cores} workers)", med["baseline_dataloader"], cores),
-        ("epoch_dataset, local folder (epoch)", med["pipeline_local_epoch"], cores),
-        ("epoch_dataset, local folder (steady)", med["pipeline_local_steady"], cores),
-    ]
-    if "pipeline_s3_epoch" in med:
-        rows += [("epoch_dataset, moto S3 (epoch)", med["pipeline_s3_epoch"], cores),
-                 ("epoch_dataset, moto S3 (steady)", med["pipeline_s3_steady"], cores)]
-    print(f"\n{'stage':<52} {'images/s':>10} {'cores':>6} {'per core':>10}")
-    for name, value, used in rows:
-        print(f"{name:<52} {value:>10.0f} {used:>6} {value / used:>10.0f}")
-    print(f"\nseconds to the first batch of an epoch: local {med['pipeline_local_first_batch_s']:.2f}, "
-          f"S3 {med.get('pipeline_s3_first_batch_s', nan):.2f}")
-    print("\nratios (per core):")
-    for name, value in ratios.items():
-        print(f"  {name:<56} {value:6.2f}")
-    print(f"\nper-core decode + paper augmentation (224 crops of 256-px JPEGs): "
-          f"{per_core['decode_augment']:.0f} images/s/core in one process, "
-          f"{per_core['pipeline_local_steady']:.0f} images/s/core through Ray Data (steady)")
-
+    summary = {mode: summarise(runs[mode], limits, mode, jpeg_bytes, args.cores, idle) for mode in MODES}
+    print_table(summary, args.cores, args.share_rows)
     record = {
-        "benchmark": "input_pipeline",
-        "git": git_revision(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "config": {"images": len(images), "runs": args.runs, "cores": cores, "image_size": IMAGE_SIZE,
-                   "resize_size": RESIZE, "batch_size": BATCH, "augmentation": "paper", "quick": args.quick,
-                   "decode_concurrency": cores, "raw_mean_size": "~500x375 synthetic JPEG"},
-        "images_per_s": {k: {"median": med[k], "runs": v} for k, v in results.items()},
-        "per_core": per_core,
-        "ratios": ratios,
-        "decode_augment_images_per_s_per_core": per_core["decode_augment"],
+        "benchmark": "input_pipeline", "git": git_revision(), "machine": machine(),
+        "config": {"images": len(jpegs), "epochs": args.epochs, "cores": args.cores, "read_tasks": args.cores,
+                   "share_rows": args.share_rows, "image_size": IMAGE_SIZE, "resize_size": RESIZE,
+                   "augmentation": "paper", "quick": args.quick, "dashboard": not args.no_dashboard,
+                   "object_store_budget_bytes": budget, "decode_limit_images": args.limit_images,
+                   "consumer_device": "cpu", "raw_mean_size": "~500x375 synthetic JPEG"},
+        "idle_cpu_s_per_s": idle,
+        "summary": summary,
+        "targets": [{"target": name, "value": value, "bound": bound, "met": met}
+                    for name, value, bound, met in targets(summary)],
+        "epochs": runs, "decode_limit": limits,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -1,28 +1,32 @@
-"""How fast, and at what size, a 90-epoch ImageNet run would go: a projection.
+"""How fast, and at what size, a 90-epoch ImageNet run would go: a projection, both decode modes.
 
-    python bench/project.py [--node-vcpus 192] [--batch 256] [--decode-per-core N] [--t1-images-per-s N]
+    python bench/project.py [--node-vcpus 192] [--batch 256] [--t1-images-per-s N] [--device-decode-per-gpu N]
 
 From measured inputs where they exist, stated assumptions where they do not:
-- decode + augment images/s per CPU: `bench/results/gpu_bench.json` (all
-  cores of the GPU machine decoding at once), else
-  `bench/results/input_pipeline.json` (one process on the dev machine, times
-  an SMT factor), else measured here in one process (bench/decode_rate.py);
-  times the input pipeline's efficiency (Ray Data steady rate over raw decode:
-  from input_pipeline.json, else DESIGN.md's 1.2k/1.6k);
+- the input pipeline's per-image costs, per decode mode: read tasks' and
+  Ray's CPU-seconds, the consumer (tower process) CPU-seconds, bytes per
+  image: `bench/results/input_pipeline.json` (bench/input_pipeline.py), else
+  the figures it printed on the 2-core dev VM (stated below); the tower-side
+  crop/flip runs on the GPU, so the consumer is its "deliver" part plus, in
+  cpu mode, pinning the pixels, in device mode the decode call's host work
+  (assumed);
+- the device decode rate per GPU: `bench/results/device_decode.json`
+  (bench/device_decode_rate.py on a GPU) or gpu_bench.json's `device_decode`,
+  else assumed from NVIDIA's figure (below);
 - one tower's step time: gpu_bench.json's "alexnet T=1" and "tower of T=k"
   rows (bf16+cl, eager), else an assumed T=1 rate scaled by each tower's FLOPs
   above a fixed per-step launch floor;
 - exchange and gradient bytes from the model spec, link speeds from datasheets
   (bench/projection.py).
-Prints the table and the assumptions; writes bench/results/projection.json.
-See bench/projection.py for the step model.
+Prints the table (each row names its binding input and which inputs were
+measured) and the targets; writes bench/results/projection.json.
+See bench/projection.py for the step and input model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -36,6 +40,7 @@ from bench.projection import (  # noqa: E402
     IB400,
     NVLINK4,
     PCIE5,
+    InputCosts,
     Layout,
     Node,
     StepInputs,
@@ -56,12 +61,26 @@ ASSUMED_T1_IMAGES_PER_S = 15_000.0
 # Fixed time per eager step (~200 kernel launches at ~5 us): the part that
 # does not shrink when a tower gets 1/T of the work.
 ASSUMED_LAUNCH_FLOOR_S = 1e-3
-# Ray Data steady rate / raw decode rate (DESIGN.md: ~1.2k vs ~1.6k per core).
-ASSUMED_PIPELINE_EFFICIENCY = 0.75
-# What one vCPU of a hyperthreaded pair delivers when both decode, relative to
+# What one vCPU of a hyperthreaded pair delivers when both work, relative to
 # one process alone (two threads on one core ~1.3x one thread).
 ASSUMED_SMT_EFFICIENCY = 0.65
+# Device decode per GPU: NVIDIA reports ~7k full-size ImageNet images/s on one A100 with
+# DALI and its hardware JPEG decoder; the shards hold about half the pixels of full-size
+# ImageNet (shorter side 256), so ~14k/s. Not scaled up for H100/H200's 7 NVJPG engines
+# (A100 has one): a floor until bench/gpu.sh (device_decode_rate.py) measures it.
+ASSUMED_DEVICE_DECODE_PER_GPU = 2 * 7_000.0
+# Host work of the decode call on a GPU per image (parse headers, submit to the engine) and
+# ShareLoader's per-row crop copy launch: not measurable on the CPU device here.
+ASSUMED_DEVICE_HOST_S = 20e-6
+# Pinning the cpu mode's pixels before the copy (ShareLoader: pin_memory), memcpy GB/s.
+ASSUMED_PIN_GB_PER_S = 8.0
+# bench/input_pipeline.py on the 2-core dev VM (steady CPU ms per image, 2026-12-01), used
+# when bench/results/input_pipeline.json is absent: {mode: (read tasks, Ray system,
+# consumer deliver, bytes per image to the device)}.
+DEV_VM_COSTS_MS = {"cpu": (0.59, 0.05, 0.23, 150_577.0), "device": (0.14, 0.03, 0.08, 19_878.0)}
 TOWER_COUNTS = (1, 2, 4, 8)
+# Issue #15's projection targets (device decode): minutes for 90 epochs.
+TARGET_MINUTES = {("1x8", 1): 20.0, ("4x2", 1): 20.0, ("16x8", 16): 2.0}
 
 
 def _load(path: Path) -> dict | None:
@@ -71,38 +90,46 @@ def _load(path: Path) -> dict | None:
         return None
 
 
-def decode_input(args, gpu: dict | None, pipeline: dict | None) -> tuple[float, str]:
-    """Decode+augment images/s per vCPU with every vCPU busy, and where it came from."""
-    if args.decode_per_core:
-        return args.decode_per_core, "given on the command line"
-    decode = (gpu or {}).get("decode", {}).get("result")
-    if decode:
-        return decode["per_core_loaded_images_per_s"], (
-            f"measured: bench/results/gpu_bench.json, {decode['loaded_processes']} processes at once on "
-            f"the GPU machine ({gpu['environment']['device']}, {decode['cpu_cores']} CPUs)")
-    if pipeline:
-        per_core = pipeline.get("decode_augment_images_per_s_per_core") or pipeline.get("per_core", {}).get(
-            "decode_augment") or pipeline.get("per_core", {}).get("transform")
-        if per_core:
-            return per_core * ASSUMED_SMT_EFFICIENCY, (
-                f"measured: bench/results/input_pipeline.json ({pipeline.get('time', 'undated')}), {per_core:.0f}/s "
-                f"in one process on the dev machine, x{ASSUMED_SMT_EFFICIENCY} SMT (assumed)")
-    from bench import decode_rate
-
-    single = decode_rate.measure(num_images=64, processes=[1], seconds=1.5)["per_core_images_per_s"]
-    load = os.getloadavg()[0]
-    return single * ASSUMED_SMT_EFFICIENCY, (
-        f"measured now: bench/decode_rate.py, {single:.0f}/s in one process on this machine "
-        f"({os.cpu_count()} CPUs, load average {load:.1f}), x{ASSUMED_SMT_EFFICIENCY} SMT (assumed)")
+def device_decode_input(args, gpu: dict | None, device_decode: dict | None) -> tuple[float, str]:
+    """Decoded images/s per GPU for decode=device, and where it came from."""
+    if args.device_decode_per_gpu:
+        return args.device_decode_per_gpu, "given on the command line"
+    for name, record in (("device_decode.json", device_decode), ("gpu_bench.json", (gpu or {}).get("device_decode"))):
+        rows = [r for r in (record or {}).get("rows", []) if r.get("library") == "nvImageCodec"
+                and "images_per_s" in r and str(record.get("device", "")).startswith("cuda")]
+        if rows:
+            best = max(rows, key=lambda r: r["images_per_s"])
+            return best["images_per_s"], (f"measured: bench/results/{name}, nvImageCodec {best['backend']} batch "
+                                          f"{best['batch']} on {record['device']}")
+    return ASSUMED_DEVICE_DECODE_PER_GPU, ("assumed: NVIDIA's ~7k full-size ImageNet img/s on one A100 (DALI, "
+                                           "hardware decoder) x2 for the shards' half pixels; H100's 7 NVJPG "
+                                           "engines not counted")
 
 
-def pipeline_input(pipeline: dict | None) -> tuple[float, str]:
-    """Ray Data steady images/s over raw decode images/s, and where it came from."""
-    per_core = (pipeline or {}).get("per_core", {})
-    raw = per_core.get("decode_augment") or per_core.get("transform")
-    if raw and per_core.get("pipeline_local_steady"):
-        return per_core["pipeline_local_steady"] / raw, "measured: bench/results/input_pipeline.json (steady local pipeline / decode+augment)"
-    return ASSUMED_PIPELINE_EFFICIENCY, "assumed: DESIGN.md's ~1.2k (Ray Data) vs ~1.6k (raw) images/s per core"
+def input_costs(pipeline: dict | None, decode_per_gpu: float, decode_source: str) -> tuple[dict[str, InputCosts],
+                                                                                           dict[str, str]]:
+    """Per-mode input costs for the projection and a line on where they came from."""
+    out, sources = {}, {}
+    for mode in ("cpu", "device"):
+        summary = (pipeline or {}).get("summary", {}).get(mode)
+        if summary:
+            steady = summary["steady_cpu_ms_per_image"]
+            read, system, deliver = steady["read tasks"], steady["ray system"], steady["consumer: deliver"]
+            to_device = summary["consumed_bytes_per_image"]
+            origin = (f"measured: bench/results/input_pipeline.json ({pipeline.get('time', 'undated')}, "
+                      f"{pipeline['config']['cores']} cores, commit {pipeline['git']['commit'][:8]})")
+        else:
+            read, system, deliver, to_device = DEV_VM_COSTS_MS[mode]
+            origin = "assumed: bench/input_pipeline.py's figures on the 2-core dev VM (2026-12-01)"
+        host = (to_device / (ASSUMED_PIN_GB_PER_S * 1e9) if mode == "cpu" else ASSUMED_DEVICE_HOST_S)
+        out[mode] = InputCosts(mode, read_cpu_s=read / 1e3, system_cpu_s=system / 1e3,
+                               consumer_cpu_s=deliver / 1e3 + host, host_to_device_bytes=to_device,
+                               device_decode_per_s=decode_per_gpu if mode == "device" else 0.0)
+        extra = (f"pinning {to_device / 1e3:.0f} kB at {ASSUMED_PIN_GB_PER_S:g} GB/s (assumed)" if mode == "cpu"
+                 else f"{ASSUMED_DEVICE_HOST_S * 1e6:.0f} us of decode-call host work (assumed)")
+        sources[mode] = (f"{origin}; consumer = delivery + {extra}"
+                         + (f"; device decode {decode_source}" if mode == "device" else ""))
+    return out, sources
 
 
 def _gpu_row(gpu: dict | None, model: str, batch: int) -> dict | None:
@@ -138,24 +165,44 @@ def tower_compute_inputs(args, gpu: dict | None) -> tuple[dict[int, float], dict
     return seconds, sources
 
 
-def print_targets(rows: list[dict], node: Node) -> None:
-    """For each one-node layout: what 1 h and 20 min would need from decode and from the GPUs."""
-    print()
-    for label, seconds in (("1 h", 3600), ("20 min", 1200)):
-        needed = EPOCH_IMAGES * EPOCHS / seconds
-        print(f"under {label}: {needed:,.0f} img/s")
-        for row in rows:
-            if not (row["main_table"] and row["nodes"] == 1):
-                continue
-            decode_x, gpu_x = needed / row["node_decode_images_per_s"], needed / row["node_gpu_images_per_s"]
-            state = "met" if max(decode_x, gpu_x) <= 1 else "NOT met"
-            per_cpu = node.decode_per_cpu * decode_x
-            print(f"  {row['layout']}: {state}; decode x{decode_x:.2f} ({per_cpu:,.0f} img/s per decode vCPU at "
-                  f"pipeline efficiency {node.pipeline_efficiency:.2f}), GPUs x{gpu_x:.2f} (<= 1: enough)")
-    print("levers: decode on the GPU (nvJPEG: torchvision.io.decode_jpeg on CUDA, or DALI) takes decode off the CPUs; "
-          "a leaner pipeline (Ray Data steady / raw decode) is worth up to 1/efficiency; smaller stored JPEGs "
-          "(quality, or a short side nearer 224) cut decode time roughly with the bytes; fewer CPUs reserved per worker; "
-          "torch.compile / CUDA graphs lower the per-step launch floor that dominates narrow towers (T=4, 8).")
+def print_table(rows: list[dict]) -> None:
+    """The projection rows, both modes."""
+    print(f"\nprojected 90-epoch ImageNet ({EPOCHS} x {EPOCH_IMAGES:,} images)")
+    header = (f"{'decode':<7}{'layout':<6} {'nodes':>5} {'links (towers / replicas)':<30} {'img/s':>10} {'90 ep':>8} "
+              f"{'binding':<14} {'step ms':>7} {'xchg ms':>7} {'grad ms':>7} {'GPU img/s':>10} {'input img/s':>11}")
+    print(header + "\n" + "-" * len(header))
+    for row in rows:
+        links = " ".join(row["tower_link"].split(" ")[:2])
+        if row["replica_link"]:
+            links += " / " + " ".join(row["replica_link"].split(" ")[:2])
+        minutes = row["minutes_90_epochs"]
+        when = f"{minutes / 60:.2f} h" if minutes >= 60 else f"{minutes:.1f} min"
+        mark = "" if row["main_table"] else "  (sensitivity)"
+        print(f"{row['decode']:<7}{row['layout']:<6} {row['nodes']:>5} {links:<30} {row['images_per_s']:>10,.0f} "
+              f"{when:>8} {row['bottleneck']:<14} {row['compute_ms']:>7.2f} {row['exchange_ms']:>7.2f} "
+              f"{row['gradient_sync_exposed_ms']:>7.2f} {row['node_gpu_images_per_s']:>10,.0f} "
+              f"{row['node_input_images_per_s']:>11,.0f}{mark}")
+    print("\nper-node input ceilings, img/s (main rows):")
+    for row in rows:
+        if row["main_table"]:
+            ceilings = ", ".join(f"{k} {v:,.0f}" for k, v in row["node_input_ceilings"].items())
+            print(f"  {row['decode']:<7}{row['layout']:<6} {ceilings}")
+
+
+def print_targets(rows: list[dict]) -> list[dict]:
+    """Issue #15's projection targets (device decode), PASS/FAIL with the binding input."""
+    print("\ntargets (issue #15, decode=device):")
+    out = []
+    for row in rows:
+        bound = TARGET_MINUTES.get((row["layout"], row["nodes"]))
+        if row["decode"] != "device" or not row["main_table"] or bound is None:
+            continue
+        met = row["minutes_90_epochs"] <= bound
+        out.append({"layout": row["layout"], "nodes": row["nodes"], "minutes": row["minutes_90_epochs"],
+                    "bound_minutes": bound, "met": met, "binding": row["bottleneck"]})
+        print(f"  {row['layout']} on {row['nodes']} node(s): {row['minutes_90_epochs']:.1f} min <= {bound:g} min "
+              f"{'PASS' if met else 'FAIL'} (binding: {row['bottleneck']})")
+    return out
 
 
 def main() -> None:
@@ -164,10 +211,11 @@ def main() -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=2.0, help="CPUs reserved per training worker")
     parser.add_argument("--system-cpus", type=float, default=4.0, help="CPUs for raylet, object store, driver, OS")
     parser.add_argument("--batch", type=int, default=256, help="images per replica step")
-    parser.add_argument("--decode-per-core", type=float, default=0.0, help="override: decode+augment img/s per busy vCPU")
     parser.add_argument("--t1-images-per-s", type=float, default=0.0, help="override: T=1 step rate (img/s per GPU)")
+    parser.add_argument("--device-decode-per-gpu", type=float, default=0.0, help="override: decoded img/s per GPU")
     parser.add_argument("--grad-bytes", type=int, default=4, choices=(2, 4), help="4 = fp32 all-reduce, 2 = bf16 compression")
     parser.add_argument("--gpu-bench", default=str(RESULTS / "gpu_bench.json"))
+    parser.add_argument("--device-decode", default=str(RESULTS / "device_decode.json"))
     parser.add_argument("--input-pipeline", default=str(RESULTS / "input_pipeline.json"))
     parser.add_argument("--out", default=str(RESULTS / "projection.json"))
     args = parser.parse_args()
@@ -175,11 +223,11 @@ def main() -> None:
     gpu = _load(Path(args.gpu_bench))
     if gpu and gpu.get("dry_run"):
         gpu = None  # a CPU dry run measures nothing
-    pipeline = _load(Path(args.input_pipeline))
-    decode_per_cpu, decode_source = decode_input(args, gpu, pipeline)
-    efficiency, efficiency_source = pipeline_input(pipeline)
+    decode_per_gpu, decode_source = device_decode_input(args, gpu, _load(Path(args.device_decode)))
+    costs, cost_sources = input_costs(_load(Path(args.input_pipeline)), decode_per_gpu, decode_source)
     compute, compute_sources = tower_compute_inputs(args, gpu)
-    node = Node(args.node_vcpus, args.cpus_per_worker, args.system_cpus, decode_per_cpu, efficiency)
+    node = Node(args.node_vcpus, args.cpus_per_worker, args.system_cpus, ASSUMED_SMT_EFFICIENCY,
+                PCIE5.gb_per_s * PCIE5.efficiency)
     cases = [  # layout, tower link, replica link, in the main table
         (Layout(1, 2), NVLINK4, NVLINK4, True),
         (Layout(4, 2), NVLINK4, NVLINK4, True),
@@ -191,37 +239,33 @@ def main() -> None:
         (Layout(8, 1), NVLINK4, NVLINK4, False),
     ]
     rows = []
-    for layout, tower_link, replica_link, main_table in cases:
-        spec = alexnet_spec(towers=layout.towers)
-        step = StepInputs(batch=args.batch, compute_s=compute[layout.towers], gradient_bytes=args.grad_bytes)
-        row = project(spec, layout, step, node, tower_link, replica_link)
-        row["main_table"] = main_table
-        row["measured"] = {
-            "decode_per_cpu": decode_source,
-            "pipeline_efficiency": efficiency_source,
-            "tower_step": compute_sources[layout.towers],
-            "links": "assumed: datasheet bandwidth x NCCL efficiency (bench/projection.py)",
-        }
-        rows.append(row)
+    for mode in ("cpu", "device"):
+        for layout, tower_link, replica_link, main_table in cases:
+            if mode == "cpu" and not main_table:
+                continue  # sensitivity rows for the default GPU mode only
+            spec = alexnet_spec(towers=layout.towers)
+            step = StepInputs(batch=args.batch, compute_s=compute[layout.towers], gradient_bytes=args.grad_bytes)
+            row = project(spec, layout, step, node, costs[mode], tower_link, replica_link)
+            row["main_table"] = main_table
+            row["measured"] = {
+                "input": cost_sources[mode],
+                "tower_step": compute_sources[layout.towers],
+                "smt_efficiency": f"assumed: {ASSUMED_SMT_EFFICIENCY}",
+                "links": "assumed: datasheet bandwidth x NCCL efficiency (bench/projection.py)",
+            }
+            rows.append(row)
 
-    print(f"\nprojected 90-epoch ImageNet ({EPOCHS} x {EPOCH_IMAGES:,} images), per-replica batch {args.batch}")
-    header = (f"{'layout':<6} {'nodes':>5} {'GPUs/node':>9} {'links (towers / replicas)':<34} {'img/s':>10} "
-              f"{'90 ep':>8} {'bottleneck':<13} {'step ms':>7} {'xchg ms':>7} {'grad ms':>7} {'GPU img/s':>10} {'decode img/s':>12}")
-    print(header + "\n" + "-" * len(header))
-    for row in rows:
-        links = row["tower_link"].split(" ")[0] + " " + row["tower_link"].split(" ")[1]
-        if row["replica_link"]:
-            links += " / " + " ".join(row["replica_link"].split(" ")[:2])
-        hours = row["hours_90_epochs"]
-        when = f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.0f} min"
-        mark = "" if row["main_table"] else "  (sensitivity)"
-        print(f"{row['layout']:<6} {row['nodes']:>5} {row['gpus_per_node']:>9} {links:<34} {row['images_per_s']:>10,.0f} "
-              f"{when:>8} {row['bottleneck']:<13} {row['compute_ms']:>7.2f} {row['exchange_ms']:>7.2f} "
-              f"{row['gradient_sync_exposed_ms']:>7.2f} {row['node_gpu_images_per_s']:>10,.0f} {row['node_decode_images_per_s']:>12,.0f}{mark}")
+    print_table(rows)
     print("\ninputs:")
-    print(f"  decode+augment per busy vCPU: {decode_per_cpu:,.0f} img/s ({decode_source})")
-    print(f"  pipeline efficiency: {efficiency:.2f} ({efficiency_source})")
-    print(f"  node: {args.node_vcpus} vCPUs, {args.cpus_per_worker:g} per training worker, {args.system_cpus:g} for the system")
+    for mode, item in costs.items():
+        print(f"  decode={mode}: read tasks {item.read_cpu_s * 1e3:.3f} + Ray {item.system_cpu_s * 1e3:.3f} CPU ms/image, "
+              f"consumer {item.consumer_cpu_s * 1e3:.3f} ms/image (ceiling {1 / item.consumer_cpu_s:,.0f} img/s per "
+              f"process), {item.host_to_device_bytes / 1e3:.1f} kB/image to the device"
+              + (f", device decode {item.device_decode_per_s:,.0f} img/s per GPU" if item.device_decode_per_s else ""))
+        print(f"    ({cost_sources[mode]})")
+    print(f"  node: {args.node_vcpus} vCPUs x {ASSUMED_SMT_EFFICIENCY} (SMT, assumed), {args.cpus_per_worker:g} per "
+          f"training worker, {args.system_cpus:g} for the system; host->device {node.host_to_device_gb_per_s:g} GB/s "
+          f"per GPU (PCIe 5 x16, assumed)")
     for towers in TOWER_COUNTS:
         spec = alexnet_spec(towers=towers)
         forward, backward = exchange_bytes_per_image(spec, 2)
@@ -230,9 +274,9 @@ def main() -> None:
               f"gradients {tower_parameters(spec) * args.grad_bytes / 1e6:.0f} MB per tower")
     print("  links: " + "; ".join(f"{link.name} {link.gb_per_s:g} GB/s x {link.efficiency:g}, {link.latency_s * 1e6:.0f} us"
                                   for link in (NVLINK4, PCIE5, IB400, IB100)))
-    print_targets(rows, node)
+    targets = print_targets(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
+    Path(args.out).write_text(json.dumps({"rows": rows, "targets": targets}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -1,5 +1,6 @@
 """The arithmetic behind bench/project.py: time per step and images/s of a
-replicas x towers layout, from per-tower compute, bytes and link speeds.
+replicas x towers layout, from per-tower compute, bytes, link speeds and the
+input pipeline's per-image costs.
 
 Pure functions over plain data (no files, no clocks), so tests check them by hand.
 
@@ -17,9 +18,22 @@ The model of one replica's step (every replica runs the same step):
 - gradient sync: DDP's ring all-reduce of one tower's gradients over the
   replicas, 2(R-1)/R of its bytes. It overlaps backward (the fc layers hold
   ~96% of the bytes and finish first), so only the part longer than the
-  backward pass (`backward_fraction` of compute) adds to the step;
-- a node's images/s is the smaller of its GPUs' rate and its decode rate
-  (decode CPUs = vCPUs - training workers' reservation - system CPUs).
+  backward pass (`backward_fraction` of compute) adds to the step.
+
+The model of a node's input (`InputCosts`, one per decode mode): every GPU's
+tower reads its own lane, so a node of G GPUs runs G consumers. A node's
+input images/s is the smallest of these ceilings:
+
+- read CPUs: the vCPUs left after the training workers and the system,
+  each giving `smt_efficiency` / (read-task + Ray CPU-seconds per image);
+- consumers: G / (one consumer process's CPU-seconds per image): each
+  tower's process takes 1/G of the node's images on one core;
+- host->device: G x the PCIe bandwidth / bytes per image;
+- device decode (decode=device): G x the decode rate per GPU; the JPEG
+  engines do not use the SMs, so decode overlaps the step.
+
+A node's images/s is the smaller of its GPUs' step rate and that input rate;
+the binding input (or the largest part of the step) is named.
 """
 
 from __future__ import annotations
@@ -140,16 +154,48 @@ class Node:
     cpus_per_worker: float
     # Raylet, object store, driver, OS.
     system_cpus: float
-    # Decode + augment images/s per vCPU while every decode vCPU is busy.
-    decode_per_cpu: float
-    # Input pipeline (Ray Data) images/s over raw decode+augment images/s.
-    pipeline_efficiency: float
+    # What one vCPU delivers when every vCPU is busy, relative to one process alone on the
+    # machine the per-image costs were measured on (hyperthreads: ~0.65).
+    smt_efficiency: float = 1.0
+    # Host->device bandwidth per GPU (PCIe 5 x16, effective).
+    host_to_device_gb_per_s: float = 55.0
 
-    def decode_images_per_s(self, workers: int) -> float:
+    def read_cpus(self, workers: int) -> float:
+        """vCPUs left for the read tasks."""
         cpus = self.vcpus - workers * self.cpus_per_worker - self.system_cpus
         if cpus <= 0:
-            raise ValueError(f"no CPUs left to decode: {self.vcpus} vCPUs, {workers} workers x {self.cpus_per_worker}")
-        return cpus * self.decode_per_cpu * self.pipeline_efficiency
+            raise ValueError(f"no CPUs left to read: {self.vcpus} vCPUs, {workers} workers x {self.cpus_per_worker}"
+                             f" + {self.system_cpus} system")
+        return cpus
+
+
+@dataclass(frozen=True)
+class InputCosts:
+    """Per-image costs of one decode mode's input pipeline (bench/input_pipeline.py measures them)."""
+
+    mode: str
+    # Read tasks' CPU-seconds per image (cpu mode: the decode and crop included).
+    read_cpu_s: float
+    # Ray's own processes' CPU-seconds per image (raylet, GCS, ...), on the same vCPUs.
+    system_cpu_s: float
+    # One tower process's CPU-seconds per image it consumes (its ceiling: 1 / this).
+    consumer_cpu_s: float
+    # Bytes per image copied to the GPU (cpu mode: the crop's pixels; device mode: the JPEG).
+    host_to_device_bytes: float
+    # Decoded images/s per GPU in decode=device (0: the GPU does not decode).
+    device_decode_per_s: float = 0.0
+
+
+def input_ceilings(node: Node, costs: InputCosts, gpus: int) -> dict[str, float]:
+    """Images/s each input resource of a node with `gpus` training GPUs (one consumer each) can carry."""
+    ceilings = {
+        "read CPUs": node.read_cpus(gpus) * node.smt_efficiency / (costs.read_cpu_s + costs.system_cpu_s),
+        "consumer": gpus / costs.consumer_cpu_s,
+        "host->device": gpus * node.host_to_device_gb_per_s * 1e9 / costs.host_to_device_bytes,
+    }
+    if costs.device_decode_per_s:
+        ceilings["device decode"] = gpus * costs.device_decode_per_s
+    return ceilings
 
 
 @dataclass(frozen=True)
@@ -187,33 +233,40 @@ def step_seconds(spec: AlexNetSpec, layout: Layout, step: StepInputs, tower_link
     }
 
 
-def bottleneck(decode_rate: float, gpu_rate: float, parts: dict) -> str:
-    """What limits the node: decode when it is slower than the GPUs, else the largest part of the step."""
-    if decode_rate < gpu_rate:
-        return "decode"
+def bottleneck(inputs: dict[str, float], gpu_rate: float, parts: dict) -> str:
+    """What limits the node: the smallest input ceiling when it is below the GPUs' rate,
+    else the largest part of the step."""
+    binding = min(inputs, key=inputs.get)
+    if inputs[binding] < gpu_rate:
+        return binding
     named = {"step": parts["compute_s"], "exchange": parts["exchange_s"], "gradient sync": parts["gradient_sync_exposed_s"]}
     return max(named, key=named.get)
 
 
-def project(spec: AlexNetSpec, layout: Layout, step: StepInputs, node: Node, tower_link: Link, replica_link: Link) -> dict:
-    """Images/s, 90-epoch hours and the bottleneck of `layout`."""
+def project(spec: AlexNetSpec, layout: Layout, step: StepInputs, node: Node, costs: InputCosts, tower_link: Link,
+            replica_link: Link) -> dict:
+    """Images/s, 90-epoch hours and the binding input or step part of `layout` in `costs.mode`."""
     if spec.towers != layout.towers:
         raise ValueError(f"spec has {spec.towers} towers, layout {layout.name} has {layout.towers}")
     parts = step_seconds(spec, layout, step, tower_link, replica_link)
     gpu_rate = layout.replicas_per_node * step.batch / parts["step_s"]
-    decode_rate = node.decode_images_per_s(layout.gpus_per_node)
-    images_per_s = layout.nodes * min(gpu_rate, decode_rate)
+    inputs = input_ceilings(node, costs, layout.gpus_per_node)
+    input_rate = min(inputs.values())
+    images_per_s = layout.nodes * min(gpu_rate, input_rate)
     hours = EPOCH_IMAGES * EPOCHS / images_per_s / 3600
     return {
         "layout": layout.name,
+        "decode": costs.mode,
         "nodes": layout.nodes,
         "gpus_per_node": layout.gpus_per_node,
         "images_per_s": images_per_s,
         "hours_90_epochs": hours,
+        "minutes_90_epochs": hours * 60,
         "gpu_hours": hours * layout.nodes * layout.gpus_per_node,
-        "bottleneck": bottleneck(decode_rate, gpu_rate, parts),
+        "bottleneck": bottleneck(inputs, gpu_rate, parts),
         "node_gpu_images_per_s": gpu_rate,
-        "node_decode_images_per_s": decode_rate,
+        "node_input_images_per_s": input_rate,
+        "node_input_ceilings": inputs,
         "tower_link": tower_link.name,
         "replica_link": replica_link.name if layout.replicas > 1 else None,
         **{key[: -len("_s")] + "_ms": value * 1000 for key, value in parts.items()},

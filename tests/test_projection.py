@@ -1,4 +1,4 @@
-"""The projection's arithmetic (bench/projection.py): bytes from the spec, step model, bottleneck."""
+"""The projection's arithmetic (bench/projection.py): bytes from the spec, step model, input ceilings, bottleneck."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import torch
 from bench.projection import (
     EPOCH_IMAGES,
     EPOCHS,
+    InputCosts,
     Layout,
     Link,
     Node,
     StepInputs,
     exchange_bytes_per_image,
     exchanges,
+    input_ceilings,
     project,
     step_seconds,
     tower_parameters,
@@ -21,7 +23,9 @@ from bench.projection import (
 from service.model import AlexNetTower, alexnet_spec
 
 FAST = Link("fast", 1e6, 1.0, 0.0)  # ~free communication
-PLENTY = Node(vcpus=10_000, cpus_per_worker=2, system_cpus=4, decode_per_cpu=1000.0, pipeline_efficiency=1.0)
+PLENTY = Node(vcpus=10_000, cpus_per_worker=2, system_cpus=4)
+# Input costs that never bind: 1 us of CPU per image, 1 byte to the device.
+FREE_INPUT = InputCosts("cpu", read_cpu_s=1e-6, system_cpu_s=0.0, consumer_cpu_s=1e-6, host_to_device_bytes=1.0)
 
 
 def test_two_tower_exchange_bytes_match_a_hand_count():
@@ -60,7 +64,7 @@ def test_tower_parameters_add_up_to_the_paper_count():
 
 def test_one_tower_hours_follow_from_the_step_time():
     spec = alexnet_spec(towers=1)
-    row = project(spec, Layout(1, 1), StepInputs(batch=256, compute_s=0.0128), PLENTY, FAST, FAST)
+    row = project(spec, Layout(1, 1), StepInputs(batch=256, compute_s=0.0128), PLENTY, FREE_INPUT, FAST, FAST)
     assert row["images_per_s"] == pytest.approx(256 / 0.0128)
     assert row["hours_90_epochs"] == pytest.approx(EPOCH_IMAGES * EPOCHS / (256 / 0.0128) / 3600)
     assert row["bottleneck"] == "step"
@@ -82,17 +86,36 @@ def test_gradient_sync_counts_only_what_backward_does_not_hide():
     assert parts["step_s"] == pytest.approx(0.75 * sync + parts["exchange_s"] + 0.5 * sync)
 
 
+def test_input_ceilings_follow_from_the_per_image_costs():
+    node = Node(vcpus=100, cpus_per_worker=2, system_cpus=4, smt_efficiency=0.5, host_to_device_gb_per_s=50.0)
+    costs = InputCosts("device", read_cpu_s=0.2e-3, system_cpu_s=0.05e-3, consumer_cpu_s=0.1e-3,
+                       host_to_device_bytes=25_000, device_decode_per_s=10_000)
+    ceilings = input_ceilings(node, costs, gpus=8)
+    # (100 - 8 x 2 - 4) vCPUs x 0.5 / 0.25 ms = 160k img/s; 8 consumers of 10k/s each;
+    # 8 x 50 GB/s / 25 kB; 8 GPUs decoding 10k/s each.
+    assert ceilings == pytest.approx({"read CPUs": 80 * 0.5 / 0.25e-3, "consumer": 80_000,
+                                      "host->device": 8 * 2e6, "device decode": 80_000})
+    assert "device decode" not in input_ceilings(node, InputCosts("cpu", 1e-3, 0.0, 1e-4, 150_000), gpus=8), \
+        "cpu mode: the GPUs do not decode"
+
+
 def test_bottleneck_is_whatever_is_slowest():
     spec = alexnet_spec(towers=2)
     step = StepInputs(batch=256, compute_s=0.005)
-    assert project(spec, Layout(4, 2), step, PLENTY, FAST, FAST)["bottleneck"] == "step"
-    starved = Node(vcpus=20, cpus_per_worker=2, system_cpus=0, decode_per_cpu=1000.0, pipeline_efficiency=1.0)
-    row = project(spec, Layout(4, 2), step, starved, FAST, FAST)
-    assert row["bottleneck"] == "decode"
+    assert project(spec, Layout(4, 2), step, PLENTY, FREE_INPUT, FAST, FAST)["bottleneck"] == "step"
+    starved = Node(vcpus=20, cpus_per_worker=2, system_cpus=0)
+    row = project(spec, Layout(4, 2), step, starved, InputCosts("cpu", 1e-3, 0.0, 1e-6, 1.0), FAST, FAST)
+    assert row["bottleneck"] == "read CPUs"
     assert row["images_per_s"] == pytest.approx((20 - 8 * 2) * 1000.0)
+    one_core = InputCosts("cpu", 1e-6, 0.0, 1e-4, 1.0)  # each tower's process takes 10k img/s at most
+    row = project(spec, Layout(4, 2), step, PLENTY, one_core, FAST, FAST)
+    assert row["bottleneck"] == "consumer" and row["images_per_s"] == pytest.approx(8 * 10_000)
+    slow_decode = InputCosts("device", 1e-6, 0.0, 1e-6, 1.0, device_decode_per_s=1_000)
+    row = project(spec, Layout(4, 2), step, PLENTY, slow_decode, FAST, FAST)
+    assert row["bottleneck"] == "device decode" and row["images_per_s"] == pytest.approx(8 * 1_000)
     slow = Link("slow", 1.0, 1.0, 0.0)  # 1 GB/s: ~31 MB of activations per step take ~31 ms
-    assert project(spec, Layout(4, 2), step, PLENTY, slow, FAST)["bottleneck"] == "exchange"
-    assert project(spec, Layout(4, 2), step, PLENTY, FAST, slow)["bottleneck"] == "gradient sync"
+    assert project(spec, Layout(4, 2), step, PLENTY, FREE_INPUT, slow, FAST)["bottleneck"] == "exchange"
+    assert project(spec, Layout(4, 2), step, PLENTY, FREE_INPUT, FAST, slow)["bottleneck"] == "gradient sync"
 
 
 def test_layouts_that_cannot_exist_are_refused():
@@ -100,30 +123,39 @@ def test_layouts_that_cannot_exist_are_refused():
         Layout(2, 8)
     with pytest.raises(ValueError, match="3 replicas do not split evenly over 2 nodes"):
         Layout(3, 2, nodes=2)
-    with pytest.raises(ValueError, match="no CPUs left to decode"):
-        Node(16, 2, 0, 1000.0, 1.0).decode_images_per_s(8)
+    with pytest.raises(ValueError, match="no CPUs left to read"):
+        Node(16, 2, 0).read_cpus(8)
 
 
 def test_project_writes_the_rows_the_readme_table_needs(tmp_path):
-    """bench/project.py end to end, on given rates (no files, no measuring)."""
+    """bench/project.py end to end, on given rates (no result files, no measuring)."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    out = tmp_path / "projection.json"
+    out, none = tmp_path / "projection.json", str(tmp_path / "none.json")
     result = subprocess.run(
-        [sys.executable, str(root / "bench" / "project.py"), "--decode-per-core", "1000", "--t1-images-per-s", "15000",
-         "--gpu-bench", str(tmp_path / "none.json"), "--input-pipeline", str(tmp_path / "none.json"), "--out", str(out)],
+        [sys.executable, str(root / "bench" / "project.py"), "--t1-images-per-s", "15000",
+         "--device-decode-per-gpu", "14000", "--gpu-bench", none, "--device-decode", none, "--input-pipeline", none,
+         "--out", str(out)],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())
-    main = [(row["layout"], row["nodes"], row["gpus_per_node"]) for row in rows if row["main_table"]]
-    assert main == [("1x2", 1, 2), ("4x2", 1, 8), ("1x8", 1, 8), ("16x8", 16, 8)]
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    main = [(row["decode"], row["layout"], row["nodes"], row["gpus_per_node"]) for row in rows if row["main_table"]]
+    layouts = [("1x2", 1, 2), ("4x2", 1, 8), ("1x8", 1, 8), ("16x8", 16, 8)]
+    assert main == [("cpu", *layout) for layout in layouts] + [("device", *layout) for layout in layouts]
     for row in rows:
-        assert {"images_per_s", "hours_90_epochs", "bottleneck", "measured"} <= set(row)
+        assert {"images_per_s", "hours_90_epochs", "bottleneck", "measured", "node_input_ceilings"} <= set(row)
         assert row["hours_90_epochs"] == pytest.approx(EPOCH_IMAGES * EPOCHS / row["images_per_s"] / 3600)
-        assert row["measured"]["decode_per_cpu"] == "given on the command line"
+        assert row["measured"]["input"].startswith("assumed")
         assert row["measured"]["tower_step"].startswith(("given", "scaled"))
+        assert row["bottleneck"] in {"read CPUs", "consumer", "host->device", "device decode", "step", "exchange",
+                                     "gradient sync"}
+    device = [row for row in rows if row["decode"] == "device"]
+    assert all("device decode given on the command line" in row["measured"]["input"] for row in device)
+    assert [(t["layout"], t["nodes"], t["bound_minutes"]) for t in record["targets"]] == [
+        ("4x2", 1, 20.0), ("1x8", 1, 20.0), ("16x8", 16, 2.0)]

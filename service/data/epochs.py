@@ -278,15 +278,19 @@ def share_units(source: DataSource, split: str, epoch: int, lane: Lane, share_ro
 def sequence_units(source: DataSource, split: str, epoch: int, start: int, stop: int) -> list[ReadUnit]:
     """Rows [start, stop) of epoch `epoch`'s sequence as shard slices, in order."""
     _check_split(split)
-    units, offset = [], 0
-    for shard in shard_order(source, split, epoch):
-        rows = int(source.meta.shard_rows[split][shard])
-        lo, hi = max(start, offset) - offset, min(stop, offset + rows) - offset
-        if lo < hi:
-            units.append(ReadUnit(split, epoch, int(shard), lo, hi))
-        offset += rows
+    order = shard_order(source, split, epoch)
+    # Offsets by cumulative sum and a binary search for the first shard: each read task of a
+    # full-size ImageNet epoch (1,000 shards) would otherwise walk ~500 shards in Python to
+    # find its own one or two (bench/plan_scale.py, 8x8 lanes: 1.2 -> 0.36 CPU-s per epoch).
+    ends = np.cumsum(np.asarray(source.meta.shard_rows[split], dtype=np.int64)[order])
+    units = []
+    for index in range(int(np.searchsorted(ends, start, side="right")), len(order)):
+        offset = int(ends[index - 1]) if index else 0
         if offset >= stop:
             break
+        lo, hi = max(start, offset) - offset, min(stop, int(ends[index])) - offset
+        if lo < hi:
+            units.append(ReadUnit(split, epoch, int(order[index]), lo, hi))
     return units
 
 
