@@ -28,6 +28,19 @@ def ray_verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
 
 
+def quiet_ray_start() -> None:
+    """Before `ray.init` in a command's driver, unless ALEXNET_RAY_VERBOSE=1: no
+    token-authentication notice (auth stays on; the README says how it works)
+    and Ray Data's console at warnings (its logging config, loaded on the first
+    dataset, would reset a level set on the logger). Ray's C++ core-worker
+    lines are left alone: RAY_BACKEND_LOG_LEVEL would hide them, but makes
+    every Ray process print a line saying so."""
+    if ray_verbose():
+        return
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+
+
 def quiet_ray_logging() -> None:
     """Ray's INFO chatter (per-dataset execution banners, "Reporting training
     result", placement-group cleaner notes) down to warnings, unless
@@ -70,6 +83,7 @@ def connect(address: str = "", min_cpus: float = 0) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
+    quiet_ray_start()
     level = "INFO" if ray_verbose() else "WARNING"
     runtime = {"logging_config": ray.LoggingConfig(log_level=level), "log_to_driver": True}
     if address:

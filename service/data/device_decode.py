@@ -91,8 +91,18 @@ def scale_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def flip_rows(image: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """Mirror the rows of [n, H, W, 3] where `flip` is set (no host read of `flip`)."""
-    return torch.where(flip.view(-1, 1, 1, 1), image.flip(2), image)
+    """Mirror the rows of [n, H, W, 3] where `flip` is set.
+
+    On a GPU: one `where` over the batch, no host read of `flip`. On the CPU,
+    where `flip` is already on the host and torch's uint8 flip is slow
+    (~0.3 ms per 224² image), only the flipped rows are mirrored.
+    """
+    if image.device.type != "cpu":
+        return torch.where(flip.view(-1, 1, 1, 1), image.flip(2), image)
+    rows = flip.nonzero().view(-1)
+    out = image.clone()
+    out[rows] = image[rows].flip(2)
+    return out
 
 
 def _host_tensor(array) -> torch.Tensor:

@@ -279,6 +279,9 @@ def run_ingest(cfg: IngestConfig, log=print) -> dict:
             log(f"ingest: {cfg.dest} already holds a complete ingest of this source; skipping (force=true re-ingests)")
             return report
     if not ray.is_initialized():
+        from service.ray_cluster import quiet_ray_start
+
+        quiet_ray_start()
         ray.init()
     _index_tars(listing, s3, cfg.num_cpus_per_task)
     labels = {w: i for i, w in enumerate(listing.wnids)}
