@@ -42,12 +42,6 @@ def decode_short_side(jpeg: bytes, short_side: Optional[int]) -> Image.Image:
     return img
 
 
-def stored_size(jpeg: bytes) -> tuple[int, int]:
-    """(width, height) from the JPEG header, without decoding."""
-    with Image.open(io.BytesIO(jpeg)) as img:
-        return img.size
-
-
 def center_square_box(width: int, height: int) -> tuple[int, int, int, int]:
     """PIL box (left, top, right, bottom) of the central min(w, h)² square."""
     side = min(width, height)
