@@ -209,6 +209,12 @@ def _finish_tracking(cfg: Config, handle, best, meta, data_cfg) -> dict:
     from service.tracking.registry import log_trained_model
 
     out = {"mlflow_run_id": handle.run_id, "ui": handle.ui_hint()}
+    try:  # one quick request: MLflow's own retries would hold a finished job for minutes
+        mlflow_tracker.check_tracking_reachable(handle.tracking_uri)
+    except mlflow_tracker.TrackingUnreachable as error:
+        print(f"[mlflow] {str(error).split(';')[0]} at the end of the job: the learning curves, the model "
+              "registration and the run's end were not recorded (the checkpoints are complete)", flush=True)
+        return out
     history = mlflow_tracker.metric_history(
         handle, ["loss", "train_loss", "val_loss", "train_top1_error", "val_top1_error", "val_top5_error"]
     )

@@ -13,27 +13,11 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
-import time
-import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Optional
 
-from service.parallel.local import free_port
-
-VENV_BIN = Path(sys.executable).parent
-
-
-def wait_until(ready: Callable[[], bool], timeout_s: float, what: str, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode} before it was ready")
-        if ready():
-            return
-        time.sleep(0.2)  # polling interval, not a wait for an event
-    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+from tests.helpers import VENV_BIN, free_port, http_ok, wait_until
 
 
 def quiet_env() -> dict:
@@ -148,19 +132,8 @@ def start_ray_head(temp_dir: str, num_cpus: int = 6) -> RayHead:
     if result.returncode != 0:
         raise RuntimeError(f"ray start failed:\n{result.stdout}\n{result.stderr}")
     head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", temp_dir, env)
-    wait_until(lambda: _http_ok(f"{head.dashboard_url}/api/version", env), 120, "Ray dashboard")
+    wait_until(lambda: http_ok(f"{head.dashboard_url}/api/version", env["RAY_AUTH_TOKEN"]), 120, "Ray dashboard")
     return head
-
-
-def _http_ok(url: str, env: dict | None = None) -> bool:
-    request = urllib.request.Request(url)
-    if env and env.get("RAY_AUTH_TOKEN"):
-        request.add_header("Authorization", f"Bearer {env['RAY_AUTH_TOKEN']}")
-    try:
-        with urllib.request.urlopen(request, timeout=2) as response:
-            return response.status == 200
-    except Exception:
-        return False
 
 
 def _start_http_server(command: list[str], env: dict, log_path: Path, ready_path: str, port: int,
@@ -169,7 +142,7 @@ def _start_http_server(command: list[str], env: dict, log_path: Path, ready_path
     process = subprocess.Popen(command, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
-        wait_until(lambda: _http_ok(f"http://127.0.0.1:{port}{ready_path}"), 180, what, process)
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}{ready_path}"), 180, what, process)
     except Exception:
         stop_group(process)
         raise RuntimeError(f"{what} did not start:\n{log_path.read_text()[-3000:]}")
@@ -178,31 +151,49 @@ def _start_http_server(command: list[str], env: dict, log_path: Path, ready_path
 
 @dataclass
 class MlflowServer:
-    url: str
-    process: subprocess.Popen
-    port: int = 0
+    """An `mlflow server` on 127.0.0.1 that can be stopped and started again
+    at the same address on the same store (an outage, then recovery)."""
+
+    folder: Path
+    backend_store_uri: str
+    port: int
+    workers: int = 1
+    process: Optional[subprocess.Popen] = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> "MlflowServer":
+        """Start it (again), serving artifacts itself; returns once /health answers."""
+        command = [
+            str(VENV_BIN / "mlflow"), "server",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--backend-store-uri", self.backend_store_uri,
+            "--artifacts-destination", str(self.folder / "artifacts"),
+            "--workers", str(self.workers),
+        ]
+        self.process = _start_http_server(command, quiet_env(), self.folder / "mlflow-server.log", "/health",
+                                          self.port, "mlflow server")
+        return self
 
     def stop(self) -> None:
-        stop_group(self.process)
+        """Stop it (its process group), as an outage would; `start()` brings it back."""
+        if self.process is not None:
+            stop_group(self.process)
+            self.process = None
 
 
-def start_mlflow_server(
-    folder: Path, backend_store_uri: str | None = None, port: int | None = None, workers: int = 1
-) -> MlflowServer:
-    """`mlflow server` serving artifacts itself; backend sqlite in `folder`
-    unless `backend_store_uri` is given. Pass `port` to restart a stopped
-    server at the same address."""
-    port = port or free_port()
-    command = [
-        str(VENV_BIN / "mlflow"), "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--backend-store-uri", backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}",
-        "--artifacts-destination", str(folder / "artifacts"),
-        "--workers", str(workers),
-    ]
-    process = _start_http_server(command, quiet_env(), folder / "mlflow-server.log", "/health", port, "mlflow server")
-    return MlflowServer(f"http://127.0.0.1:{port}", process, port)
+def start_mlflow_server(folder: Path, backend_store_uri: str | None = None, workers: int = 1) -> MlflowServer:
+    """`mlflow server` with a sqlite store in `folder` unless `backend_store_uri` is given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    server = MlflowServer(folder, backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}", free_port(), workers)
+    return server.start()
 
 
 @dataclass

@@ -71,7 +71,8 @@ class LossRecorder:
         pass
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# Seed 0 in `make test`; the other seeds (the "every seed" claim) in `make test-slow`, which CI runs.
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_small_config_loss_falls_well_below_its_start(seed):
     torch.manual_seed(seed)
     images, labels = _dataset(seed)

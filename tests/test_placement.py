@@ -6,7 +6,7 @@ parallel.allow_cross_node_towers=true, warn and train."""
 
 from __future__ import annotations
 
-import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -16,9 +16,8 @@ import pytest
 
 from service.parallel.layout import ParallelLayout
 from service.parallel.placement import describe_split, split_replicas
-from tests.servers import VENV_BIN, start_ray_head, wait_until
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, VENV_BIN, ray_env, train_command, wait_until
+from tests.servers import start_ray_head
 
 
 def test_split_replicas_names_the_nodes_of_each_split_replica():
@@ -45,42 +44,39 @@ def two_nodes():
             env=env, capture_output=True, text=True, timeout=180,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        wait_until(lambda: _alive_nodes(head) == 2, 120, "the second Ray node")
+        wait_until(lambda: len(_node_ids(head)) == 2, 120, "the second Ray node")
         yield head
     finally:
         head.stop()
 
 
-def _alive_nodes(head) -> int:
-    command = [sys.executable, "-c", "import ray; ray.init(address='%s'); print(sum(n['Alive'] for n in ray.nodes()))"
-               % head.address]
+def _node_ids(head) -> list[str]:
+    """The ids of the cluster's live nodes (asked from another process: this one is the session cluster's driver)."""
+    command = [sys.executable, "-c", "import ray; ray.init(address='%s'); "
+               "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))" % head.address]
     out = subprocess.run(command, env=head.env, capture_output=True, text=True, timeout=60).stdout.strip()
-    return int(out.splitlines()[-1]) if out else 0
+    return out.splitlines()[-1].split() if out else []
 
 
-def _train(head, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **head.env, "RAY_ADDRESS": head.address}
-    command = [
-        sys.executable, "-m", "service.train", "experiment=smoke", "tracking.enabled=false",
-        "cluster.cpus_per_worker=2", "data.decode_concurrency=1", "train.max_steps=2",
-        f"data.generated_dir={tmp_path / 'data'}", f"storage.path={tmp_path / 'ckpt'}",
-        f"hydra.run.dir={tmp_path / 'hydra'}", *extra,
-    ]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def _train(head, tiny_dataset, tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    command = train_command(tiny_dataset, tmp_path / "ckpt", tmp_path / "hydra", "cluster.cpus_per_worker=2",
+                            "data.decode_concurrency=1", "train.max_steps=2", *extra, name=name)
+    return subprocess.run(command, cwd=REPO, env=ray_env(head), capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.integration
-def test_towers_split_over_two_nodes_stop_the_job_naming_the_nodes(two_nodes, tmp_path):
-    result = _train(two_nodes, tmp_path, "run.name=split")
+def test_towers_split_over_two_nodes_stop_the_job_naming_the_nodes(two_nodes, tiny_dataset, tmp_path):
+    result = _train(two_nodes, tiny_dataset, tmp_path, "split")
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
     assert "the towers of 1 replica(s) span nodes" in output, output[-3000:]
-    assert "replica 0: towers 0 on" in output and "1 on" in output
+    # Each node named by the start of its id (and its address): the two nodes of the cluster.
+    nodes = re.search(r"replica 0: towers 0 on (\w+) \([^)]*\), 1 on (\w+) \(", output)
+    assert nodes, output[-3000:]
+    assert sorted(nodes.groups()) == sorted(node[:12] for node in _node_ids(two_nodes)), output[-3000:]
 
 
-@pytest.mark.integration
-def test_cross_node_towers_allowed_explicitly_train_with_a_warning(two_nodes, tmp_path):
-    result = _train(two_nodes, tmp_path, "run.name=allowed", "parallel.allow_cross_node_towers=true")
+def test_cross_node_towers_allowed_explicitly_train_with_a_warning(two_nodes, tiny_dataset, tmp_path):
+    result = _train(two_nodes, tiny_dataset, tmp_path, "allowed", "parallel.allow_cross_node_towers=true")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "parallel.allow_cross_node_towers=true: the towers of 1 replica(s) span nodes" in output

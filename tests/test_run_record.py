@@ -76,8 +76,8 @@ def test_training_run_records_dataset_source_best_metrics_and_no_secrets(mlflow_
     run = client.get_run(handle.run_id)
     tags = run.data.tags
     commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if commit.returncode == 0:
-        assert tags[GIT_COMMIT_TAG] == commit.stdout.strip()
+    assert commit.returncode == 0, f"the tests run in a git checkout: {commit.stderr}"
+    assert tags[GIT_COMMIT_TAG] == commit.stdout.strip()
     assert tags[COMMAND_TAG] == "python -m service.train experiment=demo 'data.s3_secret_key=***'"
     assert tags["mlflow.source.name"] == "python -m service.train"
     (dataset_input,) = run.inputs.dataset_inputs
