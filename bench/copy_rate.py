@@ -6,10 +6,11 @@ after a warm-up:
 
 - pageable: a plain host tensor `.to(device)` (what a copy of a numpy batch does);
 - pinned: a page-locked host tensor `.to(device, non_blocking=True)`;
-- service path: `service.parallel.batches.prefetch_to_device` fed pageable
-  batches (Ray Data hands out numpy arrays): it pins each batch, copies on a
-  side stream `depth` batches ahead; timed on the host clock, batch in to
-  batch usable on the compute stream, since part of its cost is host work.
+- service path (decode="cpu"): `service.parallel.batches.tower_batches` with
+  the `ShareLoader` a tower uses, fed numpy shares (what Ray Data hands out):
+  it pins each share, copies and flips it on a side stream `depth` batches
+  ahead, each batch behind its own event; timed on the host clock, share in
+  to batch usable on the compute stream, since part of its cost is host work.
 
 On CPU (the dry run) only the code path is exercised; the figures mean nothing.
 """
@@ -21,10 +22,21 @@ import time
 
 import torch
 
-from service.parallel.batches import prefetch_to_device
+import numpy as np
+
+from service.data.device_decode import ShareLoader
+from service.parallel.batches import tower_batches
+from service.parallel.groups import single_process_groups
+from service.parallel.layout import ParallelLayout
 
 
-def _events_time(device: torch.device, fn, repeats: int) -> float:
+class _CpuShares:
+    """The few fields of a DataSource that `ShareLoader` reads in cpu mode."""
+
+    decode = "cpu"
+
+
+def events_time(device: torch.device, fn, repeats: int) -> float:
     """Seconds per call of `fn`, median over `repeats`, from CUDA events (host clock on CPU)."""
     times = []
     for _ in range(repeats):
@@ -58,23 +70,27 @@ def measure(device: torch.device, batch: int = 256, image_size: int = 224, copie
     nbytes = pageable.numel()
     rows = []
     target = torch.empty(shape, dtype=torch.uint8, device=device)
-    _events_time(device, lambda: target.copy_(pageable), 2)  # warm-up
-    rows.append(_row("pageable .to(device)", _events_time(device, lambda: target.copy_(pageable), copies), nbytes))
+    events_time(device, lambda: target.copy_(pageable), 2)  # warm-up
+    rows.append(_row("pageable .to(device)", events_time(device, lambda: target.copy_(pageable), copies), nbytes))
     if device.type == "cuda":
         pinned = pageable.pin_memory()
         copy_pinned = lambda: target.copy_(pinned, non_blocking=True)  # noqa: E731
-        _events_time(device, copy_pinned, 2)
-        rows.append(_row("pinned .to(device, non_blocking)", _events_time(device, copy_pinned, copies), nbytes))
-    rows.append(_row(f"service prefetch_to_device(depth={depth}), pageable in", _prefetch_time(device, pageable, copies, depth), nbytes))
+        events_time(device, copy_pinned, 2)
+        rows.append(_row("pinned .to(device, non_blocking)", events_time(device, copy_pinned, copies), nbytes))
+    rows.append(_row(f"service tower_batches(depth={depth}), numpy shares in", _prefetch_time(device, pageable, copies, depth), nbytes))
     return rows
 
 
 def _prefetch_time(device: torch.device, host: torch.Tensor, copies: int, depth: int) -> float:
-    """Host seconds per batch through the service's prefetcher, steady state."""
-    # Fresh pageable tensors each batch, as numpy batches from Ray Data would be;
-    # made up front so their allocation is not timed.
-    batches = [{"image": host.clone(), "label": torch.zeros(host.shape[0], dtype=torch.int64)} for _ in range(copies + depth + 2)]
-    stream = prefetch_to_device(iter(batches), device, depth)
+    """Host seconds per batch through the service's share loader and prefetcher, steady state."""
+    # Fresh numpy shares each batch, as Ray Data would hand them out; made up
+    # front so their allocation is not timed.
+    n = host.shape[0]
+    shares = [{"image": host.numpy().copy(), "label": np.zeros(n, np.int64), "flip": np.arange(n) % 2 == 0,
+               "lighting": np.zeros((n, 3), np.float32)} for _ in range(copies + depth + 2)]
+    loader = ShareLoader(_CpuShares(), device)
+    groups = single_process_groups(ParallelLayout(1, 1))
+    stream = tower_batches(iter(shares), lambda share: loader(share, "train"), groups, device, depth)
     for _ in range(depth + 2):  # fill the pipeline and let the pinned allocator warm up
         next(stream)
     if device.type == "cuda":

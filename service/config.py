@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from service.data.options import AUGMENTATIONS, EVAL_CROPS, S3Keys
+from service.data.options import AUGMENTATIONS, DECODE_MODES, EVAL_CROPS, S3Keys
 from service.model.spec import ALLOWED_TOWERS
 
 MODEL_NAMES = ("alexnet", "alexnet_owt", "alexnet_small")
@@ -93,9 +93,15 @@ class DataConfig(S3Keys):
     eval_crops: int = 1
     # -- Side the shards are stored at; crops are taken from it.
     resize_size: int = 256
-    # -- Concurrent Ray Data decode + augment tasks (one CPU each) for the
-    #    whole job. 0 = auto: the cluster's CPUs not reserved by training
-    #    workers. An explicit number wins.
+    # -- Where training images are decoded: "cpu" (Ray Data tasks decode and
+    #    crop; the towers get pixels), "device" (tasks only read: JPEG bytes
+    #    and augmentation parameters; each tower decodes its share on its own
+    #    device, the GPU's JPEG engine where there is one, its CPU otherwise),
+    #    or "auto": device when cluster.use_gpu, else cpu.
+    decode: str = "auto"
+    # -- Concurrent Ray Data read (+ decode in cpu mode) tasks, one CPU each,
+    #    for the whole job, split over the towers' lanes. 0 = auto: the
+    #    cluster's CPUs not reserved by training workers. An explicit number wins.
     decode_concurrency: int = 0
     # -- A shard that cannot be read mid-run stops training with an error
     #    naming it; true skips it instead and reports how many were skipped.
@@ -258,6 +264,7 @@ def validate_config(cfg: Config) -> None:
     _choice("parallel.grad_compression", cfg.parallel.grad_compression, GRAD_COMPRESSIONS)
     _choice("data.augmentation", cfg.data.augmentation, AUGMENTATIONS)
     _choice("data.eval_crops", cfg.data.eval_crops, EVAL_CROPS)
+    _choice("data.decode", cfg.data.decode, DECODE_MODES)
     _positive("data.decode_concurrency", cfg.data.decode_concurrency, allow_zero=True)
     _positive("data.s3_max_attempts", cfg.data.s3_max_attempts)
     if cfg.data.resize_size < cfg.model.image_size:
@@ -282,10 +289,25 @@ def validate_config(cfg: Config) -> None:
             f"train.batch_size={cfg.train.batch_size} does not divide over parallel.replicas="
             f"{cfg.parallel.replicas}; use a multiple of {cfg.parallel.replicas}, e.g. {fits or cfg.parallel.replicas}"
         )
+    lanes = cfg.parallel.replicas * cfg.parallel.towers
+    if cfg.train.batch_size % lanes:
+        fits = cfg.train.batch_size - cfg.train.batch_size % lanes
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} does not divide over parallel.replicas x parallel.towers="
+            f"{lanes} (every tower reads an equal share of its replica's batch); use a multiple of {lanes}, "
+            f"e.g. {fits or lanes}"
+        )
     _positive("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker)
     _choice("run.resume", cfg.run.resume, RESUME_MODES)
     if not cfg.storage.path:
         raise ConfigError("storage.path is empty; give a local folder or an s3:// URI")
+
+
+def decode_mode(cfg: Config) -> str:
+    """data.decode resolved: "auto" is "device" when training on GPUs, else "cpu"."""
+    if cfg.data.decode == "auto":
+        return "device" if cfg.cluster.use_gpu else "cpu"
+    return cfg.data.decode
 
 
 def to_dict(cfg: Config) -> dict:

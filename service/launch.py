@@ -21,7 +21,7 @@ from typing import Optional
 import pyarrow.fs as pafs
 
 from service import hydra_app
-from service.config import Config, ConfigError, to_dict, validate_config
+from service.config import Config, ConfigError, decode_mode, to_dict, validate_config
 from service.parallel.layout import ParallelLayout
 from service.tracking.redact import redact
 from service.train.build import spec_for, training_options
@@ -89,6 +89,7 @@ def train(cfg: Config, parent=None) -> dict:
     from service.data import storage
     from service.data.checks import check_data_root
     from service.data.epochs import open_source
+    from service.data.epochs import steps_per_epoch as plan_steps
 
     started = time.monotonic()
     name = run_name(cfg)
@@ -96,7 +97,7 @@ def train(cfg: Config, parent=None) -> dict:
     if cfg.data.root:  # an ingested dataset: everything about it is known before Ray starts
         check_data_root(cfg.data.root, storage.S3Settings.from_fields(cfg.data))
         data_cfg = resolved_data(cfg)
-        source = open_source(data_cfg, cfg.model.image_size, cfg.parallel.replicas)
+        source = open_source(data_cfg, cfg.model.image_size, cfg.parallel.replicas, decode_mode(cfg))
     layout, spec = check_layout(cfg, source.meta.num_classes if source else cfg.data.generated_classes)
     if cfg.tracking.enabled:
         from service.tracking import mlflow_tracker
@@ -107,10 +108,10 @@ def train(cfg: Config, parent=None) -> dict:
     ray_cluster.connect(cfg.cluster.address, ray_cluster.training_job_cpus(cfg))
     if source is None:  # the demo's dataset is generated (a Ray Data job) now
         data_cfg = resolved_data(cfg)
-        source = open_source(data_cfg, cfg.model.image_size, cfg.parallel.replicas)
+        source = open_source(data_cfg, cfg.model.image_size, cfg.parallel.replicas, decode_mode(cfg))
     meta = source.meta
     per_replica = cfg.train.batch_size // layout.replicas
-    steps_per_epoch = (meta.num_train // layout.replicas) // per_replica
+    steps_per_epoch = plan_steps(source, layout.replicas, layout.towers, per_replica)
     if steps_per_epoch == 0:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is larger than the training set split per replica "
@@ -147,7 +148,8 @@ def train(cfg: Config, parent=None) -> dict:
         ),
         data=source,
         per_replica_batch=per_replica,
-        decode_per_replica=decode.per_replica,
+        read_tasks_per_lane=decode.per_lane,
+        decode_threads=max(1, int(cfg.cluster.cpus_per_worker)),
         config=config_dict,
         facts=facts,
         allow_cross_node_towers=cfg.parallel.allow_cross_node_towers,
@@ -163,7 +165,7 @@ def train(cfg: Config, parent=None) -> dict:
     print(
         f"[train] {name}: {spec.name} {layout.describe()}, {meta.num_train} train / {meta.num_val} val images, "
         f"{meta.num_classes} classes, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
-        f"{decode.total} decode tasks ({decode.reason}){resume_note}",
+        f"decode={source.decode}, {decode.total} read tasks ({decode.reason}){resume_note}",
         flush=True,
     )
     trainer = ray_train.build_trainer(payload, storage_path, filesystem, cfg.train.keep_checkpoints,

@@ -60,8 +60,8 @@ def training_cpus(cfg: Config) -> float:
 
 def training_job_cpus(cfg: Config) -> float:
     """Logical CPUs a local cluster needs for the training workers plus at
-    least one decode task per replica (or data.decode_concurrency)."""
-    return training_cpus(cfg) + max(cfg.data.decode_concurrency, cfg.parallel.replicas)
+    least one read task per lane, i.e. per tower worker (or data.decode_concurrency)."""
+    return training_cpus(cfg) + max(cfg.data.decode_concurrency, cfg.parallel.replicas * cfg.parallel.towers)
 
 
 def connect(address: str = "", min_cpus: float = 0) -> None:
@@ -98,24 +98,27 @@ class DecodePlan:
     """How many decode tasks the job runs, and why."""
 
     total: int
-    per_replica: int
+    # -- Read tasks of each lane (one lane per tower worker).
+    per_lane: int
     reason: str
 
 
 def plan_decode(cfg: Config, cluster_cpus: float) -> DecodePlan:
-    """Decode concurrency: data.decode_concurrency when set, else every CPU of
-    the cluster that training workers do not reserve (at least one per replica)."""
-    from service.data.pipeline import decode_tasks_per_replica
+    """Read/decode concurrency: data.decode_concurrency when set, else every CPU
+    of the cluster that training workers do not reserve (at least one per lane,
+    i.e. per tower worker)."""
+    from service.data.pipeline import decode_tasks_per_lane
 
     replicas = cfg.parallel.replicas
+    lanes = replicas * cfg.parallel.towers
     free = cluster_cpus - training_cpus(cfg)
-    per_replica = decode_tasks_per_replica(cfg.data.decode_concurrency, free, replicas)
+    per_lane = decode_tasks_per_lane(cfg.data.decode_concurrency, free, lanes)
     if cfg.data.decode_concurrency:
         reason = "data.decode_concurrency"
     else:
         reason = (f"auto: {cluster_cpus:g} cluster CPUs - {training_cpus(cfg):g} reserved by "
                   f"{replicas * cfg.parallel.towers} training workers")
-    return DecodePlan(total=per_replica * replicas, per_replica=per_replica, reason=reason)
+    return DecodePlan(total=per_lane * lanes, per_lane=per_lane, reason=reason)
 
 
 def cluster_cpus() -> float:

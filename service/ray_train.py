@@ -6,10 +6,12 @@ Worker: learn its place (groups, device, node), check the towers of its
 replica share a node, assemble its training with the torch-only
 `service.train.build.build_training`, resume, and run the torch-only loop
 with hooks that print progress, checkpoint through Ray Train and log to
-MLflow. Tower 0 of each replica builds that replica's Ray Dataset for every
-epoch (`service.data.pipeline.epoch_dataset`) and broadcasts the batches to
-its sibling towers; Ray Train's own dataset splitting is not used, because
-an epoch's order must be a function of (seed, epoch) for exact resume.
+MLflow. Every tower builds its own lane's Ray Dataset for every epoch
+(`service.data.pipeline.lane_dataset`: 1/T of each of its replica's
+batches), prepares its shares on its device and all-gathers the replica's
+batch with its sibling towers (`service.parallel.batches`); Ray Train's own
+dataset splitting is not used, because an epoch's order must be a function
+of (seed, epoch) for exact resume.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from service.parallel.batches import replica_batches
+from service.data.device_decode import ShareLoader
+from service.parallel.batches import tower_batches
 from service.parallel.placement import check_tower_placement
 from service.ray_cluster import quiet_ray_logging, ray_verbose
 from service.resume import checkpoint_dir_name, find_resume_point
@@ -61,7 +64,10 @@ class WorkerPayload:
     # -- service.data.pipeline.DataSource: shards, statistics, augmentation.
     data: Any
     per_replica_batch: int
-    decode_per_replica: int
+    # -- Concurrent Ray Data read tasks of each tower's lane dataset.
+    read_tasks_per_lane: int
+    # -- CPU threads a tower may decode with (decode="device" on a CPU device).
+    decode_threads: int
     # -- The run's redacted config (recorded in every checkpoint for resume checks).
     config: dict
     # -- Facts the resume check compares: classes, steps per epoch.
@@ -302,41 +308,39 @@ def _node_label() -> str:
     return f"{context.get_node_id()[:12]} ({ray.util.get_node_ip_address()})"
 
 
-def _reporting_skipped_shards(batches, source, split: str, replica: int):
-    """Pass host batches through, saying which unreadable shards were skipped
+def _reporting_skipped_shards(shares, source, split: str, groups):
+    """Pass host shares through, saying which unreadable shards were skipped
     (data.skip_bad_shards=true: their rows are stood in for, so counts hold)."""
-    from service.data.decode import skipped_shards
+    from service.data.read import skipped_shards
 
     skipped: set = set()
-    for batch in batches:
+    for share in shares:
         if source.skip_bad_shards:
-            for uri in sorted(skipped_shards(batch, source, split) - skipped):
+            for uri in sorted(skipped_shards(share, source, split) - skipped):
                 skipped.add(uri)
-                say(f"[data] replica {replica}: skipped unreadable {split} shard {uri} "
+                say(f"[data] replica {groups.replica} tower {groups.tower}: skipped unreadable {split} shard {uri} "
                     f"({len(skipped)} this epoch; data.skip_bad_shards=true)")
-        yield batch
+        yield share
 
 
-def _epoch_batches(payload: WorkerPayload, groups, device: torch.device, split: str):
-    """Callables giving this tower the device batches of an epoch of `split`."""
-    from service.data.pipeline import epoch_dataset
+def _epoch_batches(payload: WorkerPayload, groups, device: torch.device, split: str, loader):
+    """Callables giving this tower the replica's device batches of an epoch of
+    `split`: it reads its own lane (1/T of every batch), `loader` prepares each
+    share on this device, and the towers all-gather the full batch."""
+    from service.data.epochs import Lane
+    from service.data.pipeline import iter_shares, lane_dataset, object_store_budget
 
     layout = payload.training.layout
-    batch = payload.per_replica_batch
+    share_rows = payload.per_replica_batch // layout.towers
+    lane = Lane(groups.replica, layout.replicas, groups.tower, layout.towers)
+    budget = object_store_budget(layout.world_size)
 
     def for_epoch(epoch: int, done_batches: int = 0):
-        source = None
-        if groups.tower == 0:
-            dataset = epoch_dataset(
-                payload.data, split, epoch if split == "train" else 0, groups.replica, layout.replicas,
-                skip_rows=done_batches * batch, concurrency=payload.decode_per_replica,
-            )
-            batches = dataset.select_columns(["image", "label", "lighting", "bad_shard"]).iter_torch_batches(
-                batch_size=batch, drop_last=split == "train", prefetch_batches=4, pin_memory=payload.use_gpu,
-                device="cpu",
-            )
-            source = _reporting_skipped_shards(batches, payload.data, split, groups.replica)
-        return replica_batches(source, groups, device)
+        dataset = lane_dataset(payload.data, split, epoch if split == "train" else 0, lane, share_rows,
+                               skip_shares=done_batches, concurrency=payload.read_tasks_per_lane,
+                               object_store_bytes=budget)
+        shares = _reporting_skipped_shards(iter_shares(dataset, share_rows), payload.data, split, groups)
+        return tower_batches(shares, lambda share: loader(share, split), groups, device)
 
     return for_epoch
 
@@ -377,6 +381,7 @@ def train_worker(config: dict) -> None:
     check_tower_placement(layout, _node_label(), payload.allow_cross_node_towers)
     device = ray.train.torch.get_device()
     training = build_training(payload.training, groups, device)
+    loader = ShareLoader(payload.data, device, threads=payload.decode_threads)
     start, carried_points = _restore(training, payload)
     loop = payload.loop
     total_steps = loop.steps_per_epoch * loop.epochs
@@ -391,8 +396,8 @@ def train_worker(config: dict) -> None:
     try:
         run_training(
             training,
-            _epoch_batches(payload, groups, device, "train"),
-            _epoch_batches(payload, groups, device, "val"),
+            _epoch_batches(payload, groups, device, "train", loader),
+            _epoch_batches(payload, groups, device, "val", loader),
             hooks,
             loop,
             start,

@@ -121,30 +121,3 @@ def test_max_steps_stops_and_checkpoints_mid_epoch():
                          LoopOptions(epochs=3, steps_per_epoch=8, max_steps=5), start=Progress(0, 0))
     assert (final.epoch, final.step) == (0, 5)
     assert [p.step for p, _ in hooks.checkpoints] == [5]
-
-
-def _replica_batches_worker(rank, world_size, out_dir):
-    from service.parallel.batches import replica_batches
-
-    groups = rank_groups(ParallelLayout.from_world_size(world_size, 2))
-    source = None
-    if groups.tower == 0:
-        # Each replica's leader reads a different stream; one batch is empty and must be skipped.
-        source = _learnable_batches(count=3, batch=4, seed=100 + groups.replica)
-        source.insert(1, {"image": torch.zeros(0, 64, 64, 3, dtype=torch.uint8), "label": torch.zeros(0, dtype=torch.int64)})
-    received = list(replica_batches(source, groups, torch.device("cpu")))
-    torch.save(received, f"{out_dir}/rank{rank}.pt")
-
-
-def test_towers_of_a_replica_get_identical_batches(tmp_path):
-    run_on_processes(_replica_batches_worker, 4, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
-    for replica in range(2):
-        leader, sibling = ranks[2 * replica], ranks[2 * replica + 1]
-        assert len(leader) == len(sibling) == 3
-        for a, b in zip(leader, sibling):
-            assert set(a) == set(b) == {"image", "label", "lighting"}
-            for key in a:
-                assert torch.equal(a[key], b[key])
-    # Replicas read different data.
-    assert not torch.equal(ranks[0][0]["image"], ranks[2][0]["image"])

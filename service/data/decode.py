@@ -1,163 +1,95 @@
-"""One decode task: read a shard slice, decode and augment it, yield uint8 batches.
+"""CPU decode: JPEG bytes + `ImageParams` -> the crop, written straight into a batch row.
 
-The same function runs inside a Ray Data task (`pipeline.epoch_dataset`)
-and in a plain process (`pipeline.iter_epoch_local`), so both give the same
-rows, in the same order, with the same pixels.
+The lean path (the usual one: shards are stored at data.resize_size, paper
+augmentation or evaluation) decodes with simplejpeg (libjpeg-turbo, the
+same pixels as PIL) into a reused scratch buffer and copies only the crop
+into the caller's batch row: no PIL image object, no pack, one copy of the
+crop. Flip and lighting are not applied here: they travel as parameters and
+are applied on the training device, as in device mode.
 
-Output batch columns:
-  image     uint8 [n, S, S, 3] (val with 10-crop evaluation: [n, crops, S, S, 3])
-  label     int64 [n]
-  lighting  float32 [n, 3]: PCA lighting offset in 0-255 units (zeros for val, rrc)
-  key       str [n]: the image id (the `key` column of the shard)
-  bad_shard int32 [n]: -1, or with skip_bad_shards the index of the unreadable
-            shard whose row this one stands in for (see `decode_unit`)
-
-Each image's crop, flip and lighting come from `image_stream(seed, epoch,
-key)`: a pure function of the image and the epoch, never of Ray's execution
-state, batch boundaries or task count.
+Where the image must be rescaled first (stored larger than resize_size) or
+cut as a RandomResizedCrop, PIL does the resampling (its antialiased
+bilinear filter, with JPEG DCT scaling); no other library here resamples
+like it, and these paths are not the paper's hot path.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Iterator
+import io
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
-from service.data import storage, transforms
-from service.data.epochs import DataSource, ReadUnit, image_stream, shard_row_order, unit_rows
+from service.data import transforms
+from service.data.params import ImageParams, eval_params, train_params
 
-READ_COLUMNS = ["key", "jpeg", "label"]
-# How many other shards a task tries in place of an unreadable one (skip mode).
-MAX_STAND_INS = 3
-
-
-class BadShardError(RuntimeError):
-    """A shard that is missing, truncated, or holds an image that does not decode."""
-
-    def __init__(self, uri: str, reason: str):
-        super().__init__(f"bad shard {uri}: {reason} (set data.skip_bad_shards=true to skip bad shards, "
-                         "or re-ingest the dataset)")
-        self.uri, self.reason = uri, reason
-
-    def __reduce__(self):  # keeps (uri, reason) across Ray's pickling
-        return (BadShardError, (self.uri, self.reason))
+# The errors PIL and simplejpeg raise for data that is not a decodable JPEG.
+DECODE_ERRORS = (OSError, EOFError, SyntaxError, ValueError)
 
 
-def read_shard(source: DataSource, split: str, shard: int, columns: list[str]):
-    """The shard as a pyarrow Table; `BadShardError` naming it when it cannot be read
-    or holds another row count than meta.json says."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    uri = source.shard_uri(split, shard)
-    fs, path = storage.arrow_filesystem(uri, source.s3)
-    try:
-        table = storage.with_retries(lambda: pq.read_table(path, filesystem=fs, columns=columns),
-                                     source.s3.max_attempts)
-    except (OSError, pa.ArrowException) as err:
-        raise BadShardError(uri, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
-    expected = int(source.meta.shard_rows[split][shard])
-    if table.num_rows != expected:
-        raise BadShardError(uri, f"it has {table.num_rows} rows, meta.json says {expected}")
-    return table
+def jpeg_size(jpeg: bytes) -> tuple[int, int]:
+    """(height, width) from the JPEG header, without decoding."""
+    height, width, _colorspace, _subsampling = simplejpeg.decode_jpeg_header(jpeg)
+    return int(height), int(width)
 
 
-def train_image(source: DataSource, jpeg: bytes, key: str, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 [S, S, 3], float32 [3] lighting) for one training image.
+class CpuDecoder:
+    """Decodes one image at a time into a scratch buffer it reuses."""
 
-    Draw order per image: crop, flip coin, lighting. The coin is drawn even
-    with hflip off, so turning flips off changes nothing else.
-    """
-    rng, size = image_stream(source.seed, epoch, key), source.image_size
-    if source.augmentation == "paper":
-        img = transforms.decode_short_side(jpeg, source.resize_size)
-        left, top, _right, _bottom = transforms.center_square_box(*img.size)
-        side = min(img.size)
-        dy, dx = transforms.random_crop_bounds(rng, side, side, size)
-        patch = img.crop((left + dx, top + dy, left + dx + size, top + dy + size))
-    else:
-        width, height = transforms.stored_size(jpeg)
-        box = transforms.random_resized_crop_box(rng, height, width)
-        patch = transforms.resized_crop_image(jpeg, box, (width, height), size)
-    if rng.random() < 0.5 and source.hflip:  # PIL's C mirror: a reversed-stride numpy copy costs 10x more
-        patch = patch.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    lighting = np.zeros(3, np.float32)
-    if source.augmentation == "paper" and source.pca_lighting_std > 0:
-        lighting[:] = 255.0 * transforms.pca_lighting_offset(
-            rng, source.meta.eigval, source.meta.eigvec, source.pca_lighting_std, 1)[0]
-    return np.asarray(patch), lighting
+    def __init__(self):
+        self._scratch = np.empty(0, np.uint8)
 
+    def _decode_stored(self, jpeg: bytes, height: int, width: int) -> np.ndarray:
+        """The whole image as stored, [H, W, 3], a view of the scratch buffer."""
+        if self._scratch.size < height * width * 3:
+            self._scratch = np.empty(height * width * 3, np.uint8)
+        return simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=self._scratch)
 
-def eval_image(source: DataSource, jpeg: bytes) -> np.ndarray:
-    """Centre crop [S, S, 3] of the central square, or its 10 (5 with hflip off) crops."""
-    img = transforms.decode_short_side(jpeg, source.resize_size)
-    crops = transforms.eval_crops(img, source.image_size, source.eval_crops, mirrored=source.hflip)
-    return crops[0] if source.eval_crops == 1 else crops
+    def scaled(self, jpeg: bytes, params: ImageParams) -> np.ndarray:
+        """The image at `params.resize` (height, width), [H, W, 3]."""
+        height, width = params.resize
+        stored = jpeg_size(jpeg)
+        if stored == (height, width):
+            return self._decode_stored(jpeg, height, width)
+        img = Image.open(io.BytesIO(jpeg))
+        img.draft("RGB", (width, height))  # DCT scaling to >= the target size, as ingest does
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        return np.asarray(img.resize((width, height), Image.BILINEAR))
 
-
-def _decode_rows(source: DataSource, split: str, epoch: int, table, uri: str, bad_shard: int,
-                 batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
-    keys, jpegs = table.column("key").to_pylist(), table.column("jpeg")
-    labels = table.column("label").to_numpy().astype(np.int64)
-    size = source.image_size
-    crops = () if split == "train" or source.eval_crop_count == 1 else (source.eval_crop_count,)
-    for start in range(0, len(keys), batch_rows):
-        stop = min(start + batch_rows, len(keys))
-        images = np.empty((stop - start, *crops, size, size, 3), np.uint8)
-        lighting = np.zeros((stop - start, 3), np.float32)
-        for i in range(start, stop):
-            jpeg = jpegs[i].as_py()
-            try:
-                if split == "train":
-                    images[i - start], lighting[i - start] = train_image(source, jpeg, keys[i], epoch)
-                else:
-                    images[i - start] = eval_image(source, jpeg)
-            except (OSError, EOFError, SyntaxError) as err:  # PIL's errors for corrupt JPEG data
-                raise BadShardError(uri, f"image {keys[i]} does not decode ({type(err).__name__}: {err})") from err
-        yield {"image": images, "label": labels[start:stop], "lighting": lighting,
-               "key": np.array(keys[start:stop], dtype=object),
-               "bad_shard": np.full(stop - start, bad_shard, np.int32)}
-
-
-def decode_unit(source: DataSource, unit: ReadUnit, batch_rows: int = 64) -> Iterator[dict[str, np.ndarray]]:
-    """Read one shard slice and yield decoded batches of up to `batch_rows` rows.
-
-    An unreadable shard (or an image in it that does not decode) raises
-    `BadShardError` naming the shard. With `skip_bad_shards`, the rows not
-    yet produced are replaced by as many rows of the next readable shard of
-    the split (in that shard's epoch order, cycling), marked with `bad_shard`
-    = the bad shard's index: every replica still gets exactly its row count,
-    so replicas stay in step, and the consumer counts the skipped shards.
-    """
-    wanted, done, first_error = unit.stop - unit.start, 0, None
-    count = len(source.meta.shards[unit.split])
-    for step in range(min(MAX_STAND_INS, count - 1) + 1 if source.skip_bad_shards else 1):
-        shard = (unit.shard + step) % count
-        if step == 0:
-            rows = unit_rows(source, unit)
-        else:  # a stand-in: its own epoch order, cycled to the length still missing
-            order = shard_row_order(source, unit.split, unit.epoch, shard)
-            rows = order[np.arange(wanted - done) % len(order)]
-        try:
-            table = read_shard(source, unit.split, shard, READ_COLUMNS).take(rows)
-            for batch in _decode_rows(source, unit.split, unit.epoch, table, source.shard_uri(unit.split, shard),
-                                      -1 if step == 0 else unit.shard, batch_rows):
-                done += len(batch["label"])
-                yield batch
+    def train_crop(self, jpeg: bytes, params: ImageParams, size: int, augmentation: str, out: np.ndarray) -> None:
+        """Write the training crop (not flipped) into `out` [size, size, 3]."""
+        top, left, height, width = params.box
+        if augmentation == "paper":
+            out[...] = self.scaled(jpeg, params)[top:top + height, left:left + width]
             return
-        except BadShardError as err:
-            if not source.skip_bad_shards:
-                raise
-            first_error = first_error or err
-            print(f"[data] WARNING: skipping {err}", file=sys.stderr, flush=True)
-    raise BadShardError(source.shard_uri(unit.split, unit.shard),
-                        f"{first_error.reason if first_error else 'unreadable'}; and none of the next "
-                        f"{MAX_STAND_INS} shards could stand in for it")
+        stored_height, stored_width = params.resize  # rrc boxes are in stored pixels
+        out[...] = np.asarray(transforms.resized_crop_image(jpeg, params.box, (stored_width, stored_height), size))
+
+    def eval_crops(self, jpeg: bytes, params: ImageParams, size: int, crops: int, mirrored: bool,
+                   out: np.ndarray) -> None:
+        """Write the evaluation crop(s) into `out` ([size, size, 3], or [crops, size, size, 3])."""
+        top, left, side, _ = params.box
+        square = self.scaled(jpeg, params)[top:top + side, left:left + side]
+        if crops == 1:
+            y, x = transforms.center_crop_bounds(side, side, size)
+            out[...] = square[y:y + size, x:x + size]
+        else:
+            out[...] = transforms.ten_crop(square, size, mirrored=mirrored)
 
 
-def skipped_shards(batch: dict[str, np.ndarray], source: DataSource, split: str) -> set[str]:
-    """URIs of the unreadable shards that rows of `batch` stand in for (skip mode)."""
-    marks = np.asarray(batch["bad_shard"])
-    return {source.shard_uri(split, int(index)) for index in np.unique(marks[marks >= 0])}
+def train_image(source, jpeg: bytes, key: str, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """One training image's final pixels on the host, flip applied ([S, S, 3], lighting [3]).
+    The reference for tests and benchmarks; the pipeline flips on the device."""
+    params = train_params(source, key, epoch, *jpeg_size(jpeg))
+    out = np.empty((source.image_size, source.image_size, 3), np.uint8)
+    CpuDecoder().train_crop(jpeg, params, source.image_size, source.augmentation, out)
+    return (out[:, ::-1] if params.flip else out), params.lighting
+
+
+def eval_image(source, jpeg: bytes) -> np.ndarray:
+    """One validation image's crop [S, S, 3] (or its crops [10 or 5, S, S, 3]) on the host."""
+    size, crops = source.image_size, source.eval_crop_count
+    out = np.empty(((crops,) if crops > 1 else ()) + (size, size, 3), np.uint8)
+    CpuDecoder().eval_crops(jpeg, eval_params(source, *jpeg_size(jpeg)), size, source.eval_crops, source.hflip, out)
+    return out

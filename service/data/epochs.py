@@ -16,9 +16,16 @@ an in-shard permutation mixes classes without an all-to-all shuffle.
 Validation: the val shards and rows in stored order, split into R parts
 whose sizes differ by at most one, so every image is evaluated exactly once.
 
-`skip_rows` drops the first rows of a replica's part before anything is
-read (mid-epoch resume). The plan is a list of `ReadUnit`s: a slice of one
-shard's epoch row order, the unit of work of one decode task.
+Towers: replica r's part is cut into T contiguous lanes, one per tower
+(`Lane`). Tower t reads only its lane; replica r's batch k is the
+concatenation, in tower order, of every lane's share k (B/T rows each), so
+no process reads or decodes its replica's whole input, each shard slice is
+read by one tower only, and the towers all-gather the shares into the same
+full batch. With T = 1 the lane is the replica's part.
+
+Resume skips whole shares before anything is read. The plan is a list of
+`ReadUnit`s (a slice of one shard's epoch row order); `ShareUnit`s group a
+run of a lane's shares, the unit of work of one read task.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import numpy as np
 from service.data import storage
 from service.data.checks import check_data_root
 from service.data.meta import DatasetMeta
-from service.data.options import AUGMENTATIONS, EVAL_CROPS
+from service.data.options import AUGMENTATIONS, EVAL_CROPS, RESOLVED_DECODE_MODES
 
 SPLITS = ("train", "val")
 _SHARD_ORDER, _ROW_ORDER, _IMAGE = 0, 1, 2  # stream tags: independent random streams
@@ -61,12 +68,15 @@ class DataSource:
     # -- data.shuffle_seed: the shuffle and every augmentation derive from it.
     seed: int
     skip_bad_shards: bool
+    # -- Where images are decoded: "cpu" (Ray Data tasks ship cropped pixels)
+    #    or "device" (tasks ship JPEG bytes, the tower decodes); never "auto" here.
+    decode: str = "cpu"
 
     def __repr__(self) -> str:
         return (f"DataSource(root={self.root!r}, train={self.meta.num_train} images in "
                 f"{len(self.meta.shards['train'])} shards, val={self.meta.num_val}, image_size={self.image_size}, "
                 f"augmentation={self.augmentation!r}, hflip={self.hflip}, eval_crops={self.eval_crops}, "
-                f"seed={self.seed}, s3={self.s3!r})")
+                f"seed={self.seed}, decode={self.decode!r}, s3={self.s3!r})")
 
     @property
     def eval_crop_count(self) -> int:
@@ -95,13 +105,15 @@ class ReadUnit:
     stop: int
 
 
-def open_source(data_cfg: Any, image_size: int, num_replicas: int) -> DataSource:
+def open_source(data_cfg: Any, image_size: int, num_replicas: int, decode: str = "cpu") -> DataSource:
     """Driver side: check the settings and load meta.json (clear errors), resolve S3 keys.
 
     `data_cfg` is `service.config.DataConfig` (root, augmentation, hflip,
     pca_lighting_std, eval_crops, resize_size, shuffle_seed, skip_bad_shards,
-    s3_*).
+    s3_*); `decode` the resolved data.decode ("cpu" or "device").
     """
+    if decode not in RESOLVED_DECODE_MODES:
+        raise ValueError(f"decode={decode!r}; choose one of {list(RESOLVED_DECODE_MODES)}")
     if data_cfg.augmentation not in AUGMENTATIONS:
         raise ValueError(f"data.augmentation={data_cfg.augmentation!r}; choose one of {list(AUGMENTATIONS)}")
     if data_cfg.eval_crops not in EVAL_CROPS:
@@ -125,7 +137,7 @@ def open_source(data_cfg: Any, image_size: int, num_replicas: int) -> DataSource
     return DataSource(root=data_cfg.root, s3=s3, meta=meta, image_size=image_size,
                       resize_size=data_cfg.resize_size, augmentation=data_cfg.augmentation, hflip=data_cfg.hflip,
                       pca_lighting_std=data_cfg.pca_lighting_std, eval_crops=data_cfg.eval_crops,
-                      seed=data_cfg.shuffle_seed, skip_bad_shards=data_cfg.skip_bad_shards)
+                      seed=data_cfg.shuffle_seed, skip_bad_shards=data_cfg.skip_bad_shards, decode=decode)
 
 
 def random_stream(*words: int) -> np.random.Generator:
@@ -159,23 +171,72 @@ def shard_row_order(source: DataSource, split: str, epoch: int, shard: int) -> n
     return random_stream(source.seed, epoch, _ROW_ORDER, shard).permutation(rows)
 
 
-def _check_args(source: DataSource, split: str, replica: int, replicas: int) -> None:
+@dataclass(frozen=True)
+class Lane:
+    """The part of an epoch one tower reads: tower `tower` of replica `replica`."""
+
+    replica: int
+    replicas: int
+    tower: int = 0
+    towers: int = 1
+
+    def __post_init__(self):
+        if self.replicas < 1 or not 0 <= self.replica < self.replicas:
+            raise ValueError(f"replica={self.replica} must be in [0, replicas={self.replicas})")
+        if self.towers < 1 or not 0 <= self.tower < self.towers:
+            raise ValueError(f"tower={self.tower} must be in [0, towers={self.towers})")
+
+
+@dataclass(frozen=True)
+class ShareUnit:
+    """Shares [first, first + count) of a lane in epoch `epoch` (one read task);
+    share i holds the lane's rows [i * share_rows, (i + 1) * share_rows)."""
+
+    split: str
+    epoch: int
+    lane_start: int
+    lane_stop: int
+    share_rows: int
+    first: int
+    count: int
+
+    def rows(self) -> tuple[int, int]:
+        """[start, stop) of the epoch sequence this unit reads."""
+        start = self.lane_start + self.first * self.share_rows
+        return start, min(self.lane_stop, start + self.count * self.share_rows)
+
+
+def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; choose one of {list(SPLITS)}")
-    if replicas < 1 or not 0 <= replica < replicas:
-        raise ValueError(f"replica={replica} must be in [0, replicas={replicas})")
+
+
+def _even_part(start: int, stop: int, index: int, parts: int) -> tuple[int, int]:
+    """Part `index` of [start, stop) cut into `parts` pieces whose sizes differ by at most one."""
+    per, extra = divmod(stop - start, parts)
+    first = start + index * per + min(index, extra)
+    return first, first + per + (1 if index < extra else 0)
 
 
 def replica_range(source: DataSource, split: str, replica: int, replicas: int) -> tuple[int, int]:
     """[start, stop) of replica `replica`'s part of the epoch sequence."""
-    _check_args(source, split, replica, replicas)
+    _check_split(split)
+    Lane(replica, replicas)
     total = source.num_rows(split)
     if split == "train":
         per = total // replicas
         return replica * per, (replica + 1) * per
-    per, extra = divmod(total, replicas)
-    start = replica * per + min(replica, extra)
-    return start, start + per + (1 if replica < extra else 0)
+    return _even_part(0, total, replica, replicas)
+
+
+def lane_range(source: DataSource, split: str, lane: Lane) -> tuple[int, int]:
+    """[start, stop) of the lane's part of the epoch sequence: train lanes are
+    equal (N // R // T rows), val lanes cover the replica's part exactly."""
+    start, stop = replica_range(source, split, lane.replica, lane.replicas)
+    if split == "train":
+        per = (stop - start) // lane.towers
+        return start + lane.tower * per, start + (lane.tower + 1) * per
+    return _even_part(start, stop, lane.tower, lane.towers)
 
 
 def replica_rows(source: DataSource, split: str, replica: int, replicas: int) -> int:
@@ -185,22 +246,44 @@ def replica_rows(source: DataSource, split: str, replica: int, replicas: int) ->
     return stop - start
 
 
-def epoch_units(source: DataSource, split: str, epoch: int, replica: int, replicas: int,
-                skip_rows: int = 0, max_rows_per_unit: int = 0) -> list[ReadUnit]:
-    """This replica's part of epoch `epoch` as shard slices, in order, after
-    dropping its first `skip_rows` rows. `max_rows_per_unit` (0 = whole
-    shards) cuts slices smaller for parallelism; it never changes the rows."""
-    start, stop = replica_range(source, split, replica, replicas)
-    if not 0 <= skip_rows <= stop - start:
-        raise ValueError(f"skip_rows={skip_rows} must be in [0, {stop - start}] (rows of replica {replica})")
-    start += skip_rows
+def steps_per_epoch(source: DataSource, replicas: int, towers: int, replica_batch: int) -> int:
+    """Training steps per epoch: every lane gives whole shares of replica_batch / towers rows."""
+    if replica_batch % towers:
+        raise ValueError(f"the per-replica batch {replica_batch} does not divide over {towers} towers")
+    start, stop = lane_range(source, "train", Lane(0, replicas, 0, towers))
+    return (stop - start) // (replica_batch // towers)
+
+
+def lane_shares(source: DataSource, split: str, lane: Lane, share_rows: int) -> int:
+    """Shares the lane yields in an epoch: whole ones only in training, every row in val."""
+    start, stop = lane_range(source, split, lane)
+    return (stop - start) // share_rows if split == "train" else -(-(stop - start) // share_rows)
+
+
+def share_units(source: DataSource, split: str, epoch: int, lane: Lane, share_rows: int,
+                skip_shares: int = 0, shares_per_unit: int = 0) -> list[ShareUnit]:
+    """The lane's shares of epoch `epoch` after the first `skip_shares`, as read
+    tasks of `shares_per_unit` shares each (0: all in one)."""
+    if share_rows < 1:
+        raise ValueError(f"share_rows={share_rows} must be >= 1")
+    start, stop = lane_range(source, split, lane)
+    total = lane_shares(source, split, lane, share_rows)
+    if not 0 <= skip_shares <= total:
+        raise ValueError(f"skip_shares={skip_shares} must be in [0, {total}] (shares of this lane)")
+    step = shares_per_unit or max(1, total - skip_shares)
+    return [ShareUnit(split, epoch, start, stop, share_rows, first, min(step, total - first))
+            for first in range(skip_shares, total, step)]
+
+
+def sequence_units(source: DataSource, split: str, epoch: int, start: int, stop: int) -> list[ReadUnit]:
+    """Rows [start, stop) of epoch `epoch`'s sequence as shard slices, in order."""
+    _check_split(split)
     units, offset = [], 0
     for shard in shard_order(source, split, epoch):
         rows = int(source.meta.shard_rows[split][shard])
         lo, hi = max(start, offset) - offset, min(stop, offset + rows) - offset
         if lo < hi:
-            step = max_rows_per_unit or (hi - lo)
-            units += [ReadUnit(split, epoch, int(shard), a, min(a + step, hi)) for a in range(lo, hi, step)]
+            units.append(ReadUnit(split, epoch, int(shard), lo, hi))
         offset += rows
         if offset >= stop:
             break
@@ -210,19 +293,3 @@ def epoch_units(source: DataSource, split: str, epoch: int, replica: int, replic
 def unit_rows(source: DataSource, unit: ReadUnit) -> np.ndarray:
     """The shard row indices a unit reads, in order."""
     return shard_row_order(source, unit.split, unit.epoch, unit.shard)[unit.start:unit.stop]
-
-
-def epoch_keys(source: DataSource, split: str, epoch: int, replica: int, replicas: int,
-               skip_rows: int = 0) -> list[str]:
-    """The image keys this replica sees in epoch `epoch`, in order (reads only
-    the `key` column of the shards involved; no Ray, no decoding)."""
-    from service.data.decode import read_shard
-
-    keys: list[str] = []
-    columns: dict[int, list] = {}
-    for unit in epoch_units(source, split, epoch, replica, replicas, skip_rows):
-        if unit.shard not in columns:
-            columns[unit.shard] = read_shard(source, split, unit.shard, ["key"]).column("key").to_pylist()
-        shard_keys = columns[unit.shard]
-        keys += [shard_keys[i] for i in unit_rows(source, unit)]
-    return keys

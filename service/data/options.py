@@ -11,6 +11,11 @@ from dataclasses import dataclass
 AUGMENTATIONS = ("paper", "rrc")
 # Evaluation crops: the centre crop, or the paper's 10 (4 corners + centre, and mirrored).
 EVAL_CROPS = (1, 10)
+# Where training images are decoded: "cpu" in Ray Data tasks, "device" on each
+# tower's own device (GPU: nvImageCodec's hardware/CUDA decoders; CPU: its
+# CPU backend), "auto" = device when training on GPUs, else cpu.
+DECODE_MODES = ("auto", "cpu", "device")
+RESOLVED_DECODE_MODES = ("cpu", "device")
 # Raw ImageNet layouts `service.ingest` reads and `service.synth` writes.
 LAYOUTS = ("imagefolder", "ilsvrc-tars", "kaggle")
 

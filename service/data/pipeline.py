@@ -1,30 +1,33 @@
-"""The training input: one Ray Dataset per (epoch, replica), exact and resumable.
+"""The training input: one Ray Dataset per (epoch, lane), exact and resumable.
 
-    driver:  source = open_source(data_cfg, image_size, num_replicas)   # meta.json, checks
-    worker:  for epoch ...:
-                 ds = epoch_dataset(source, "train", epoch, replica, replicas, skip_rows, concurrency)
-                 for batch in ds.iter_batches(batch_size=..., batch_format="numpy"): ...
+    driver:  source = open_source(data_cfg, image_size, num_replicas, decode)   # meta.json, checks
+    worker (tower t of replica r), for each epoch:
+        ds = lane_dataset(source, "train", epoch, Lane(r, R, t, T), share_rows, skip_shares, tasks)
+        for share in iter_shares(ds, share_rows): ...   # this tower's 1/T of each batch
 
-The rows and their order come from the epoch plan (`service.data.epochs`):
-a pure function of (shuffle_seed, epoch, replica, replicas), so a resumed
-run sees exactly what an uninterrupted one would. `skip_rows` drops rows of
-the plan before anything is read or decoded. Each image's augmentation is a
-pure function of (seed, epoch, key) (`service.data.decode`).
+Every tower reads its own lane (`service.data.epochs`): no process carries
+its replica's whole input. The rows and their order are a pure function of
+(shuffle_seed, epoch, lane), so a resumed run sees exactly what an
+uninterrupted one would; `skip_shares` drops whole shares before anything
+is read. Each image's augmentation is a pure function of (seed, epoch, key).
 
-Ray Data graph: `from_items(read units)` (no task) -> `map_batches(decode)`
-with `concurrency` tasks of 1 CPU each; each task reads its shard slice
-itself (Parquet, column projection) and yields decoded batches. There is
-no separate read or listing stage: a 1-CPU listing task can starve once
-training workers and decode tasks hold every CPU (seen on 2 cores), and a
-0-CPU stage could land on a GPU-less head started with --num-cpus 0.
-Output order is the plan's order (`preserve_order`).
+Ray Data graph: `from_items(share units)` (no task) -> `map_batches(read)`
+with `concurrency` tasks of 1 CPU each; each task reads its shard slices
+itself (Parquet, column projection) and yields one batch dict per share.
+Block size is set a little under one share's bytes, so each share leaves the
+task as its own block: the consumer takes blocks as batches, no stitching
+and no `select_columns` copy. There is no separate read or listing stage: a
+1-CPU listing task can starve once training workers and read tasks hold
+every CPU (seen on 2 cores), and a 0-CPU stage could land on a GPU-less head
+started with --num-cpus 0. Output order is the plan's (`preserve_order`).
 
-`iter_epoch_local` yields the same rows, order and pixels without Ray
-(tests, benchmarks, a GPU machine without Ray).
+Each lane's executor is capped (`resource_limits`) at its own tasks' CPUs
+and its share of the object store, so R x T executors on one node do not
+each budget for the whole node.
 
-Normalisation is not done here: batches cross the wire as uint8 and the
-training step casts on the device, adds `lighting` (0-255 units), subtracts
-`meta.mean` and divides by `meta.std` (both 0-255 units).
+`iter_lane_local` yields the same shares without Ray (tests, benchmarks, a
+GPU machine without Ray). Normalisation is not done here: see
+`service.data.device_decode` and `service.train.step.Normalizer`.
 """
 
 from __future__ import annotations
@@ -36,112 +39,138 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from service.data.decode import decode_unit
-from service.data.epochs import DataSource, ReadUnit, epoch_units, open_source, replica_rows
+from service.data.epochs import DataSource, Lane, ShareUnit, lane_range, open_source, share_units
 from service.data.meta import DatasetMeta
+from service.data.read import read_shares
 
-# Rows a decode task yields at a time (one Ray Data block).
-DECODE_BATCH_ROWS = 64
-# Smallest shard slice worth a task of its own (Ray's per-task overhead).
+# Smallest slice worth a task of its own (Ray's per-task overhead).
 MIN_ROWS_PER_TASK = 64
+# Typical stored JPEG bytes per pixel of the shorter-side-256 shards (~30 KB for 256x341);
+# only sizes blocks in device mode, where a share's bytes vary with its images.
+JPEG_BYTES_PER_PIXEL = 0.35
+# The part of the object store all lanes of a node may fill with shares in flight.
+OBJECT_STORE_FRACTION = 0.5
 
 
-def decode_tasks_per_replica(decode_concurrency: int, free_cpus: float, replicas: int) -> int:
-    """Concurrent decode tasks for each replica's dataset.
+def decode_tasks_per_lane(decode_concurrency: int, free_cpus: float, lanes: int) -> int:
+    """Concurrent read tasks for each lane's dataset.
 
     `decode_concurrency` is data.decode_concurrency for the whole job (an
     explicit number wins); 0 = auto: the CPUs not reserved by training
-    workers (`free_cpus`). Split evenly over replicas, at least 1 each.
+    workers (`free_cpus`). Split evenly over the job's lanes (replicas x
+    towers), at least 1 each.
     """
     total = decode_concurrency if decode_concurrency > 0 else int(free_cpus)
-    return max(1, total // max(1, replicas))
+    return max(1, total // max(1, lanes))
 
 
-def _rows_per_task(source: DataSource, split: str, replicas: int, concurrency: int) -> int:
-    """Whole shards when there are plenty of them; smaller slices when a
-    replica's part holds too few shards to keep `concurrency` tasks busy."""
-    rows = replica_rows(source, split, 0, replicas)
-    return max(MIN_ROWS_PER_TASK, math.ceil(rows / max(1, 2 * concurrency)))
+def _shares_per_task(source: DataSource, split: str, lane: Lane, share_rows: int, concurrency: int) -> int:
+    """Whole shards' worth of shares when there are plenty of them; fewer when the
+    lane holds too few rows to keep `concurrency` tasks busy."""
+    start, stop = lane_range(source, split, lane)
+    rows = max(MIN_ROWS_PER_TASK, math.ceil((stop - start) / max(1, 2 * concurrency)))
+    rows = min(rows, max(source.meta.shard_rows[split] or [rows]))
+    return max(1, rows // share_rows)
 
 
-def _decode_units(batch: dict[str, np.ndarray], source: DataSource) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF: the read units of one input block -> decoded batches."""
-    for i in range(len(batch["shard"])):
-        unit = ReadUnit(split=str(batch["split"][i]), epoch=int(batch["epoch"][i]), shard=int(batch["shard"][i]),
-                        start=int(batch["start"][i]), stop=int(batch["stop"][i]))
-        yield from decode_unit(source, unit, DECODE_BATCH_ROWS)
+def _read_units(batch: dict[str, np.ndarray], source: DataSource, with_keys: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF: the share units of one input block -> one batch per share."""
+    for i in range(len(batch["first"])):
+        unit = ShareUnit(**{name: (str if name == "split" else int)(batch[name][i])
+                            for name in ShareUnit.__dataclass_fields__})
+        yield from read_shares(source, unit, with_keys)
 
 
-def epoch_dataset(source: DataSource, split: str, epoch: int, replica: int, replicas: int,
-                  skip_rows: int = 0, concurrency: int = 1):
-    """A Ray Dataset of replica `replica`'s rows of epoch `epoch`, in plan order.
+def share_bytes(source: DataSource, split: str, share_rows: int) -> int:
+    """About how many bytes one share occupies in the object store."""
+    crops = source.eval_crop_count if split == "val" else 1
+    if source.decode == "cpu":
+        pixels = crops * source.image_size ** 2 * 3
+    else:
+        pixels = JPEG_BYTES_PER_PIXEL * source.meta.resize_size ** 2 * 4 / 3
+    return int(share_rows * (pixels + 8 + 24 + 1 + 12 + 4))  # + label, resize/box, flip, lighting, bad_shard
 
-    Rows: image uint8 [S, S, 3] (val 10-crop: [crops, S, S, 3]), label int64,
-    lighting float32 [3] (0-255 units; zeros for val), key str, bad_shard
-    int32 (-1; see `service.data.decode`). `concurrency` decode tasks of 1
-    CPU each run at once.
-    """
+
+def lane_dataset(source: DataSource, split: str, epoch: int, lane: Lane, share_rows: int,
+                 skip_shares: int = 0, concurrency: int = 1, with_keys: bool = False,
+                 object_store_bytes: float = 0):
+    """A Ray Dataset of the lane's shares of epoch `epoch`, one block per share,
+    in plan order (columns: `service.data.read`). `concurrency` read tasks of 1
+    CPU each; `object_store_bytes` (0: no cap) bounds the shares in flight."""
     import ray.data
+    from ray.data import ExecutionResources
 
     if concurrency < 1:
         raise ValueError(f"concurrency={concurrency} must be >= 1")
-    units = epoch_units(source, split, epoch, replica, replicas, skip_rows,
-                        _rows_per_task(source, split, replicas, concurrency))
-    ds = ray.data.from_items([asdict(u) for u in units], override_num_blocks=max(1, len(units)))
-    # Rows in plan order, whichever task finishes first (public execution option).
-    ds.context.execution_options.preserve_order = True
-    # One decoded batch per block: a task's rows stream out as they are decoded
-    # instead of waiting for the default 128 MiB block (the whole shard slice).
-    crops = source.eval_crop_count if split == "val" else 1
-    ds.context.target_max_block_size = DECODE_BATCH_ROWS * crops * source.image_size ** 2 * 3
-    return ds.map_batches(_decode_units, fn_kwargs={"source": source}, batch_size=1, batch_format="numpy",
-                          num_cpus=1, compute=ray.data.TaskPoolStrategy(size=min(concurrency, max(1, len(units)))))
+    per_task = _shares_per_task(source, split, lane, share_rows, concurrency)
+    units = share_units(source, split, epoch, lane, share_rows, skip_shares, per_task)
+    ds = ray.data.from_items([asdict(u) for u in units] or [], override_num_blocks=max(1, len(units)))
+    context = ds.context
+    context.execution_options.preserve_order = True
+    # Each yielded share becomes its own block: the output buffer flushes once
+    # it holds more than this, and slices a block only past 1.5x this.
+    context.target_max_block_size = int(0.8 * share_bytes(source, split, share_rows))
+    tasks = min(concurrency, max(1, len(units)))
+    limits = {"object_store_memory": object_store_bytes} if object_store_bytes else {}
+    context.execution_options.resource_limits = ExecutionResources.for_limits(cpu=tasks, **limits)
+    return ds.map_batches(_read_units, fn_kwargs={"source": source, "with_keys": with_keys}, batch_size=1,
+                          batch_format="numpy", num_cpus=1, compute=ray.data.TaskPoolStrategy(size=tasks))
 
 
-def iter_epoch_local(source: DataSource, split: str, epoch: int, replica: int, replicas: int,
-                     skip_rows: int = 0, batch_size: int = 128) -> Iterator[dict[str, np.ndarray]]:
-    """The rows of `epoch_dataset`, same order and pixels, decoded in this
-    process (no Ray), in batches of `batch_size` (the last may be smaller)."""
-    pending: list[dict[str, np.ndarray]] = []
-    held = 0
-    for unit in epoch_units(source, split, epoch, replica, replicas, skip_rows):
-        for batch in decode_unit(source, unit, DECODE_BATCH_ROWS):
-            pending.append(batch)
-            held += len(batch["label"])
-            while held >= batch_size:
-                merged = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
-                yield {k: v[:batch_size] for k, v in merged.items()}
-                pending = [{k: v[batch_size:] for k, v in merged.items()}]
-                held -= batch_size
-    if held:
-        yield {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+def iter_shares(dataset, share_rows: int, prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """The lane's shares from its dataset, as numpy batches (a block is a share, so
+    no rows are stitched across blocks)."""
+    return dataset.iter_batches(batch_size=share_rows, batch_format="numpy", prefetch_batches=prefetch)
+
+
+def iter_lane_local(source: DataSource, split: str, epoch: int, lane: Lane, share_rows: int,
+                    skip_shares: int = 0, with_keys: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """The shares of `lane_dataset`, same order and content, read in this process (no Ray)."""
+    for unit in share_units(source, split, epoch, lane, share_rows, skip_shares):
+        yield from read_shares(source, unit, with_keys)
+
+
+def object_store_budget(num_lanes: int) -> float:
+    """Object-store bytes one lane's executor may fill: its share of the local
+    node's store (0 when Ray is not running)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    store = ray.available_resources().get("object_store_memory", 0)
+    return OBJECT_STORE_FRACTION * store / max(1, num_lanes)
 
 
 @dataclass
 class TrainingData:
-    """Epoch-0 datasets over every replica's rows (evaluation, benchmarks)."""
+    """Epoch-0 datasets over all rows, decoded on the CPU (evaluation, benchmarks)."""
 
     meta: DatasetMeta
     source: DataSource
-    # -- rows as `epoch_dataset`; all training rows of epoch 0 in plan order.
+    # -- One lane over every training row of epoch 0, in plan order.
     train: Any  # ray.data.Dataset
-    # -- every validation image once.
+    # -- Every validation image once (final pixels: crops, no flip).
     val: Any  # ray.data.Dataset
 
 
-def build_pipeline(data_cfg: Any, image_size: int, num_replicas: int, concurrency: int = 0) -> TrainingData:
-    """Whole-dataset (one replica) epoch-0 train and val datasets over `data_cfg.root`.
+def build_pipeline(data_cfg: Any, image_size: int, num_replicas: int, concurrency: int = 0,
+                   share_rows: int = 64) -> TrainingData:
+    """Whole-dataset (one lane) epoch-0 train and val datasets over `data_cfg.root`,
+    CPU-decoded, with keys.
 
-    `num_replicas` is checked against the dataset size. `concurrency`
-    decode tasks (0: data.decode_concurrency, or when that is 0 too, the
-    cluster's CPUs). Training uses `epoch_dataset` per (epoch, replica).
+    `num_replicas` is checked against the dataset size. `concurrency` read
+    tasks (0: data.decode_concurrency, or when that is 0 too, the cluster's
+    CPUs). Training uses `lane_dataset` per (epoch, lane).
     """
     import ray
 
-    source = open_source(data_cfg, image_size, num_replicas)
+    source = open_source(data_cfg, image_size, num_replicas, decode="cpu")
     if concurrency <= 0:
         free = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count() or 1
-        concurrency = decode_tasks_per_replica(data_cfg.decode_concurrency, free, 1)
+        concurrency = decode_tasks_per_lane(data_cfg.decode_concurrency, free, 1)
+    whole = Lane(0, 1)
     return TrainingData(meta=source.meta, source=source,
-                        train=epoch_dataset(source, "train", 0, 0, 1, concurrency=concurrency),
-                        val=epoch_dataset(source, "val", 0, 0, 1, concurrency=concurrency))
+                        train=lane_dataset(source, "train", 0, whole, share_rows, concurrency=concurrency,
+                                           with_keys=True),
+                        val=lane_dataset(source, "val", 0, whole, share_rows, concurrency=concurrency,
+                                         with_keys=True))

@@ -1,15 +1,21 @@
-"""The epoch plan and local iteration, without Ray: exact, replayable, resumable epochs."""
+"""The epoch plan and local iteration, without Ray: exact, replayable, resumable epochs,
+every tower reading its own lane."""
 
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import pytest
+import torch
 
 from service.config import DataConfig
 from service.data import epochs
-from service.data.decode import BadShardError, skipped_shards
-from service.data.pipeline import decode_tasks_per_replica, iter_epoch_local
+from service.data.decode import train_image
+from service.data.device_decode import ShareLoader
+from service.data.epochs import Lane
+from service.data.pipeline import decode_tasks_per_lane, iter_lane_local
+from service.data.read import BadShardError, lane_keys, skipped_shards
 from tests.data.shards import write_dataset
 
 NUM_TRAIN, NUM_VAL = 41, 11  # odd, so replicas do not divide them
@@ -22,69 +28,105 @@ def root(tmp_path_factory) -> str:
     return path
 
 
-def _source(root: str, replicas: int = 1, **overrides) -> epochs.DataSource:
+def _source(root: str, replicas: int = 1, decode: str = "cpu", **overrides) -> epochs.DataSource:
     cfg = DataConfig(root=root, resize_size=48, shuffle_seed=overrides.pop("seed", 11), **overrides)
-    return epochs.open_source(cfg, 32, replicas)
+    return epochs.open_source(cfg, 32, replicas, decode=decode)
 
 
-def _local(source, split, epoch, replica, replicas, skip_rows=0, batch_size=5):
-    batches = list(iter_epoch_local(source, split, epoch, replica, replicas, skip_rows, batch_size))
-    keys = [str(k) for b in batches for k in b["key"]]
-    images = np.concatenate([b["image"] for b in batches]) if batches else np.zeros((0,))
-    return keys, images, batches
+def _local(source, split, epoch, lane: Lane, skip_shares=0, share_rows=5):
+    """(keys, final host pixels as training sees them, shares) of one lane."""
+    shares = list(iter_lane_local(source, split, epoch, lane, share_rows, skip_shares, with_keys=True))
+    loader = ShareLoader(source, torch.device("cpu"))
+    keys = [str(k) for s in shares for k in s["key"]]
+    images = torch.cat([loader(s, split)["image"] for s in shares]).numpy() if shares else np.zeros((0,))
+    return keys, images, shares
+
+
+WHOLE = Lane(0, 1)
 
 
 def test_same_seed_and_epoch_give_the_same_keys_and_pixels(root):
     source = _source(root)
-    keys, images, batches = _local(source, "train", 2, 0, 1)
-    keys_again, images_again, _ = _local(source, "train", 2, 0, 1, batch_size=7)
-    assert keys == keys_again == epochs.epoch_keys(source, "train", 2, 0, 1)
-    assert np.array_equal(images, images_again), "pixels do not depend on batch boundaries"
-    other_keys, other_images, _ = _local(source, "train", 3, 0, 1)
-    assert sorted(other_keys) == sorted(keys) and other_keys != keys, "a new order each epoch, same images"
-    assert epochs.epoch_keys(_source(root, seed=12), "train", 2, 0, 1) != keys, "the seed matters"
+    keys, images, batches = _local(source, "train", 2, WHOLE)
+    keys_again, images_again, _ = _local(source, "train", 2, WHOLE, share_rows=8)
+    assert keys[:40] == keys_again == lane_keys(source, "train", 2, WHOLE, 8)
+    assert np.array_equal(images[:40], images_again), "pixels do not depend on share boundaries"
+    other_keys, other_images, _ = _local(source, "train", 3, WHOLE)
+    assert other_keys != keys and len(set(other_keys) & set(keys)) >= len(keys) - 5, \
+        "a new order each epoch, the same images but for the left-over share"
+    assert lane_keys(_source(root, seed=12), "train", 2, WHOLE, 5) != keys, "the seed matters"
     by_key = dict(zip(keys, images))
     assert any(not np.array_equal(by_key[k], img) for k, img in zip(other_keys, other_images)), \
         "augmentation differs between epochs"
     assert batches[0]["image"].dtype == np.uint8 and batches[0]["label"].dtype == np.int64
     assert batches[0]["lighting"].shape == (5, 3) and np.any(batches[0]["lighting"])
-    assert set(batches[0]) == {"image", "label", "lighting", "key", "bad_shard"}
+    assert set(batches[0]) == {"image", "label", "resize", "box", "flip", "lighting", "key", "bad_shard"}
+    device = next(iter_lane_local(_source(root, decode="device"), "train", 2, WHOLE, 5))
+    assert set(device) == {"jpeg", "resize", "box", "label", "flip", "lighting", "bad_shard"}, \
+        "device mode ships bytes and parameters, no pixels and no key"
+    for key, image in zip(keys[:5], images[:5]):  # the host reference of one image, flip included
+        jpeg = _jpeg_of(source, key)
+        assert np.array_equal(train_image(source, jpeg, key, 2)[0], image)
 
 
-@pytest.mark.parametrize("replicas", [1, 2, 3])
-def test_replicas_are_disjoint_and_cover_the_epoch(root, replicas):
+def _jpeg_of(source, key: str) -> bytes:
+    from service.data.read import read_shard
+
+    for shard in range(len(source.meta.shards["train"])):
+        table = read_shard(source, "train", shard, ["key", "jpeg"])
+        keys = table.column("key").to_pylist()
+        if key in keys:
+            return table.column("jpeg")[keys.index(key)].as_py()
+    raise KeyError(key)
+
+
+@pytest.mark.parametrize("replicas,towers", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 4)])
+def test_lanes_are_disjoint_equal_and_cover_the_epoch(root, replicas, towers):
     source = _source(root, replicas)
+    share = 2
+    lanes = [Lane(r, replicas, t, towers) for r in range(replicas) for t in range(towers)]
     for epoch in (0, 1):
-        train = [epochs.epoch_keys(source, "train", epoch, r, replicas) for r in range(replicas)]
-        assert [len(k) for k in train] == [NUM_TRAIN // replicas] * replicas, "equal steps on every replica"
+        train = [lane_keys(source, "train", epoch, lane, share) for lane in lanes]
+        steps = epochs.steps_per_epoch(source, replicas, towers, share * towers)
+        assert [len(k) for k in train] == [steps * share] * len(lanes), "equal steps on every lane"
         union = [k for part in train for k in part]
         assert len(set(union)) == len(union), "disjoint"
-        assert NUM_TRAIN - len(union) <= replicas - 1
-        val = [epochs.epoch_keys(source, "val", epoch, r, replicas) for r in range(replicas)]
-        assert sorted(k for part in val for k in part) == sorted(epochs.epoch_keys(source, "val", 0, 0, 1))
+        assert NUM_TRAIN - len(union) < replicas * towers * share + replicas
+        val = [lane_keys(source, "val", epoch, lane, share) for lane in lanes]
+        assert sorted(k for part in val for k in part) == sorted(lane_keys(source, "val", 0, WHOLE))
         assert len({k for part in val for k in part}) == NUM_VAL, "every val image exactly once"
         assert max(map(len, val)) - min(map(len, val)) <= 1
-        assert [epochs.replica_rows(source, "val", r, replicas) for r in range(replicas)] == list(map(len, val))
+        assert [epochs.replica_rows(source, "val", r, replicas) for r in range(replicas)] == \
+            [sum(len(v) for lane, v in zip(lanes, val) if lane.replica == r) for r in range(replicas)]
+    # With one tower, a replica's lane is its whole part (the plan before towers existed).
+    assert epochs.lane_range(source, "train", Lane(0, replicas)) == epochs.replica_range(source, "train", 0, replicas)
 
 
-def test_skip_rows_resumes_exactly_without_reading_the_skipped_rows(root):
-    source = _source(root, 2)
-    full_keys, full_images, _ = _local(source, "train", 4, 1, 2)
-    for skip in (0, 1, 6, 13, len(full_keys)):
-        keys, images, _ = _local(source, "train", 4, 1, 2, skip_rows=skip)
-        assert keys == full_keys[skip:] == epochs.epoch_keys(source, "train", 4, 1, 2, skip)
-        assert np.array_equal(images, full_images[skip:]) if skip < len(full_keys) else not keys
-    # Units after a skip start later: rows before `skip` are never read.
-    units = epochs.epoch_units(source, "train", 4, 1, 2, skip_rows=13)
-    assert sum(u.stop - u.start for u in units) == len(full_keys) - 13
-    with pytest.raises(ValueError, match="skip_rows"):
-        epochs.epoch_units(source, "train", 4, 1, 2, skip_rows=len(full_keys) + 1)
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_skip_shares_resumes_exactly_without_reading_the_skipped_rows(root, decode):
+    source = _source(root, 2, decode=decode)
+    lane = Lane(1, 2, 1, 2)
+    full_keys = lane_keys(source, "train", 4, lane, 2)
+    _, full_images, _ = _local(_source(root, 2), "train", 4, lane, share_rows=2)
+    for skip in (0, 1, 3, len(full_keys) // 2):
+        shares = list(iter_lane_local(source, "train", 4, lane, 2, skip, with_keys=True))
+        loader = ShareLoader(source, torch.device("cpu"))
+        keys = [str(k) for s in shares for k in s["key"]]
+        assert keys == full_keys[2 * skip:] == lane_keys(source, "train", 4, lane, 2, skip)
+        if shares:
+            images = torch.cat([loader(s, "train")["image"] for s in shares]).numpy()
+            assert np.array_equal(images, full_images[2 * skip:]), "same pixels after a resume, either mode"
+    # Units after a skip start later: rows before it are never read.
+    units = epochs.share_units(source, "train", 4, lane, 2, skip_shares=3)
+    assert sum(u.rows()[1] - u.rows()[0] for u in units) == len(full_keys) - 6
+    with pytest.raises(ValueError, match="skip_shares"):
+        epochs.share_units(source, "train", 4, lane, 2, skip_shares=len(full_keys) // 2 + 1)
 
 
 def test_hflip_off_never_mirrors(root):
     """The generated images get brighter from left to right; a mirrored crop gets darker."""
     def slopes(source, split):
-        _keys, images, _ = _local(source, split, 0, 0, 1)
+        _keys, images, _ = _local(source, split, 0, WHOLE)
         gray = images.astype(np.float64).mean(axis=-1)
         return np.sign(np.diff(gray, axis=-1).mean(axis=(-2, -1)))
 
@@ -107,15 +149,21 @@ def test_open_source_errors_name_the_problem(root, tmp_path):
     with pytest.raises(ValueError, match="larger than data.resize_size"):
         epochs.open_source(DataConfig(root=root, resize_size=24), 32, 1)
     with pytest.raises(ValueError, match="replica=2 must be in"):
-        epochs.epoch_keys(_source(root), "train", 0, 2, 2)
+        Lane(2, 2)
+    with pytest.raises(ValueError, match="tower=2 must be in"):
+        Lane(0, 1, 2, 2)
+    with pytest.raises(ValueError, match="decode='gpu'; choose one of"):
+        _source(root, decode="gpu")
+    with pytest.raises(ValueError, match="does not divide over 4 towers"):
+        epochs.steps_per_epoch(_source(root), 1, 4, 6)
     shown = repr(_source(root, s3_secret_key="sekrit-value", s3_access_key="key-id-value"))
     assert "sekrit-value" not in shown and "key-id-value" not in shown
 
 
 def test_decode_concurrency_auto_and_explicit():
-    assert decode_tasks_per_replica(0, free_cpus=30, replicas=4) == 7
-    assert decode_tasks_per_replica(6, free_cpus=30, replicas=4) == 1
-    assert decode_tasks_per_replica(0, free_cpus=0, replicas=2) == 1
+    assert decode_tasks_per_lane(0, free_cpus=30, lanes=4) == 7
+    assert decode_tasks_per_lane(6, free_cpus=30, lanes=4) == 1
+    assert decode_tasks_per_lane(0, free_cpus=0, lanes=2) == 1
 
 
 @pytest.fixture
@@ -134,7 +182,7 @@ def damaged_root(tmp_path) -> str:
 def test_a_bad_shard_stops_with_its_name(damaged_root):
     source = _source(damaged_root)
     with pytest.raises(BadShardError, match="part-00002.parquet") as info:
-        _local(source, "train", 0, 0, 1)
+        _local(source, "train", 0, WHOLE)
     assert info.value.uri == source.shard_uri("train", 2)
 
 
@@ -143,7 +191,7 @@ def test_skip_bad_shards_keeps_the_row_count_and_counts_them(damaged_root):
         source = _source(damaged_root, replicas, skip_bad_shards=True)
         stood_in = 0
         for replica in range(replicas):
-            keys, _images, batches = _local(source, "train", 0, replica, replicas)
+            keys, _images, batches = _local(source, "train", 0, Lane(replica, replicas), share_rows=1)
             assert len(keys) == epochs.replica_rows(source, "train", replica, replicas), "replicas stay in step"
             marks = np.concatenate([b["bad_shard"] for b in batches])
             assert np.all((marks == -1) | (marks == 2))

@@ -15,9 +15,10 @@ import pytest
 
 from service.config import DataConfig
 from service.data import storage
-from service.data.epochs import epoch_keys, open_source
+from service.data.epochs import Lane, open_source
 from service.data.ingest import IngestConfig, run_ingest
-from service.data.pipeline import epoch_dataset
+from service.data.pipeline import iter_shares, lane_dataset
+from service.data.read import lane_keys
 
 pytest_plugins = ["tests.fixtures.s3_faults"]
 pytestmark = pytest.mark.integration
@@ -51,10 +52,11 @@ def test_ingest_train_and_checkpoint_through_a_faulty_s3(ray_local, s3_server, s
 
     source = open_source(DataConfig(root=dest, resize_size=40, **s3.as_fields()), 32, 2)
     for replica in range(2):
-        rows = [k for b in epoch_dataset(source, "train", 0, replica, 2, concurrency=2).iter_batches(
-            batch_size=8, batch_format="numpy") for k in b["key"]]
-        assert rows == epoch_keys(source, "train", 0, replica, 2), "every planned key, once, in order"
-    assert len(rows) == source.meta.num_train // 2
+        lane = Lane(replica, 2)
+        dataset = lane_dataset(source, "train", 0, lane, 8, concurrency=2, with_keys=True)
+        rows = [k for share in iter_shares(dataset, 8) for k in share["key"]]
+        assert rows == lane_keys(source, "train", 0, lane, 8), "every planned key, once, in order"
+    assert len(rows) == (source.meta.num_train // 2) // 8 * 8
     _report("ingest + epoch", proxy)
 
     path, fs = storage.checkpoint_filesystem(f"s3://{bucket}/checkpoints", s3)
