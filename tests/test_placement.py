@@ -31,6 +31,26 @@ def test_split_replicas_names_the_nodes_of_each_split_replica():
     assert split_replicas(ParallelLayout(2, 2), ["a", "a", "b", "b"]) == {}
 
 
+def test_a_cluster_too_small_for_the_job_is_named_with_what_it_needs(ray_session, capsys):
+    """The session cluster has 6 CPUs and no GPU: 2 tower workers of 4 CPUs, or
+    on GPUs, do not fit; the job says what it needs (and would then wait)."""
+    from service.hydra_app import compose
+    from service.ray_cluster import cluster_cpus, plan_decode, warn_if_short
+
+    def warning(*overrides: str) -> str:
+        cfg = compose(["experiment=smoke", *overrides])
+        warn_if_short(cfg, plan_decode(cfg, cluster_cpus()))
+        return capsys.readouterr().out
+
+    assert cluster_cpus() == 6
+    assert warning() == ""  # 2 workers x 1 CPU + 4 decode tasks: the cluster's 6
+    said = warning("cluster.cpus_per_worker=4", "data.decode_concurrency=2")
+    assert said.startswith("[train] WARNING: the job needs 10 CPUs (2 workers x cluster.cpus_per_worker=4 "
+                           "+ 2 decode tasks) but the cluster has 6. It will wait"), said
+    said = warning("cluster.use_gpu=true")
+    assert "2 GPUs (one per tower worker) but the cluster has 0" in said and "CPUs" not in said, said
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """A head and a second node of 3 logical CPUs each, on 127.0.0.1."""

@@ -99,7 +99,7 @@ def test_server_gone_for_good_the_job_ends_spills_and_resend_delivers(tiny_datas
     returncode, lines = _job_with_outage(tiny_dataset, server, ray_session, tmp_path, "gone", 1, False)
     output = "".join(lines)
     assert returncode == 0, output[-4000:]
-    (said,) = [line for line in lines if "metric points and" in line and "were not sent" in line]
+    (said,) = [line for line in lines if "metric points and" in line and "were not sent; written under" in line]
     unsent = int(said.split("[mlflow] ")[1].split()[0])
     (spill_file,) = (tmp_path / "ckpt" / "gone").glob("unsent_metrics-*.jsonl")
     assert str(spill_file.parent) in said and "python -m service.tracking.resend" in said
