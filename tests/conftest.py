@@ -150,6 +150,17 @@ def trained_run(tiny_dataset, mlflow_server, ray_session, s3_server, tmp_path_fa
                       tuple(checkpoints))
 
 
+def download_checkpoint(uri: str, s3_server, folder) -> None:
+    """Copy the files of the s3:// checkpoint folder `uri` into the local `folder`."""
+    bucket, prefix = uri.removeprefix("s3://").split("/", 1)
+    client = s3_server.client()
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"]:
+        name = entry["Key"].removeprefix(f"{prefix}/")
+        if name and "/" not in name:  # not the folder's own marker object
+            client.download_file(bucket, entry["Key"], str(folder / name))
+
+
 def checkpoint_progress(uri: str, s3_server) -> dict:
     """A checkpoint folder's progress.json (local or s3://)."""
     from service.data import storage

@@ -14,6 +14,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from service.evaluate import evaluate
+from service.evaluation.config import EvaluateConfig, validate_evaluate_config
 from service.hydra_app import compose
 from service.launch import train
 from service.tracking.mlflow_tracker import PARENT_TAG, SWEEP_TAG
@@ -112,10 +114,13 @@ def test_two_replicas_two_towers_with_ten_crop_eval(tiny_dataset, mlflow_server,
         compose(base + ["parallel.replicas=2", "train.batch_size=32", "data.eval_crops=10", "tracking.log_model=false"])
     )
     assert summary["val_images"] == TINY_VAL_IMAGES  # every val image once over both replicas
-    # Exact counting: the error is a whole number of the val images, and the one MLflow holds.
-    wrong = summary["val_top1_error"] * TINY_VAL_IMAGES
-    assert abs(wrong - round(wrong)) < 1e-9, summary["val_top1_error"]
     checkpoint = Path(summary["checkpoint"])
+    # Exact counting: the 4 workers' 10-crop validation equals the single-process evaluator's on the same weights.
+    evaluated = evaluate(compose([f"model_uri={checkpoint}", f"data.root={tiny_dataset}", "eval.crops=10",
+                                  "eval.actors=1", "tracking.enabled=false"], "evaluate", EvaluateConfig,
+                                 validate_evaluate_config))
+    assert (evaluated["top1_error"], evaluated["top5_error"]) == pytest.approx(
+        (summary["val_top1_error"], summary["val_top5_error"]), abs=1e-12)
     assert checkpoint.parent == tmp_path / "ckpt" / "r2x2"
     # Replica 0's towers write the shards; replica 1 holds identical weights.
     assert sorted(p.name for p in checkpoint.iterdir()) == ["progress.json", "tower_0.pt", "tower_1.pt"]

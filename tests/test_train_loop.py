@@ -7,7 +7,6 @@ import torch
 
 from service.model import ReferenceAlexNet, alexnet_spec
 from service.parallel.layout import ParallelLayout
-from service.parallel.local import run_on_processes
 from service.train import checkpoint as ckpt
 from service.train.build import TowerTraining, build_optimizer, build_tower, rank_groups
 from service.train.loop import LoopOptions, Progress, run_training
