@@ -127,6 +127,9 @@ def start_ray_head(temp_dir: str, num_cpus: int = 6) -> RayHead:
         "--port", str(port),
         "--dashboard-host", "127.0.0.1",
         "--dashboard-port", str(dashboard_port),
+        # The job agent's HTTP port is 52365 by default: a second Ray on this machine (another
+        # session's) would hold it, and `ray job submit` would find no agent.
+        "--dashboard-agent-listen-port", str(free_port()),
         "--num-cpus", str(num_cpus),
         "--temp-dir", temp_dir,
         "--disable-usage-stats",

@@ -16,7 +16,7 @@ import pytest
 
 from service.parallel.layout import ParallelLayout
 from service.parallel.placement import describe_split, split_replicas
-from tests.helpers import REPO, VENV_BIN, ray_env, train_command, wait_until
+from tests.helpers import REPO, VENV_BIN, free_port, ray_env, train_command, wait_until
 from tests.servers import start_ray_head
 
 
@@ -60,7 +60,8 @@ def two_nodes():
     try:
         result = subprocess.run(
             [str(VENV_BIN / "ray"), "start", "--address", head.address, "--node-ip-address", "127.0.0.1",
-             "--num-cpus", "3", "--temp-dir", folder, "--disable-usage-stats"],
+             "--num-cpus", "3", "--temp-dir", folder, "--disable-usage-stats",
+             "--dashboard-agent-listen-port", str(free_port())],
             env=env, capture_output=True, text=True, timeout=180,
         )
         assert result.returncode == 0, result.stdout + result.stderr

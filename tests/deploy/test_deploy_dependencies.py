@@ -22,8 +22,8 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 # Installed first and pinned per build (CPU, cu126, cu130) by the Makefile and the Dockerfiles.
 NOT_LOCKED = {"torch", "torchvision"}
 # Locked distributions `make install` (extra `test`) does not install: the `gpu` extra's NVML
-# binding and what only the `tracking-server` extra's mlflow[auth] pulls in.
-LOCKED_NOT_INSTALLED = ("nvidia-ml-py", "flask-wtf", "wtforms")
+# binding and nvJPEG runtime, and what only the `tracking-server` extra's mlflow[auth] pulls in.
+LOCKED_NOT_INSTALLED = ("nvidia-ml-py", "nvidia-nvjpeg-cu12", "flask-wtf", "wtforms")
 # Import names of declared distributions that may not be installed here (the `gpu` extra).
 NOT_INSTALLED_HERE = {"pynvml": "nvidia-ml-py"}
 
