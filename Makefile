@@ -32,11 +32,13 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: help install demo test test-fast bench bench-gpu model-table ui serve lock clean FORCE
+.PHONY: help install demo test test-slow test-fast bench bench-gpu model-table ui serve lock clean FORCE
 
 help:
 	@echo "make demo      - generate data, train the small 2-tower AlexNet on local Ray, log to MLflow"
-	@echo "make test      - the whole test suite (unit, multi-process, Ray/MLflow/S3 integration, Helm)"
+	@echo "make test      - the test suite (unit, multi-process, Ray/MLflow/S3 integration, Helm), without \`slow\`"
+	@echo "make test-slow - the tests marked slow (more learning-curve seeds); CI runs both"
+	@echo "make test-fast - the inner loop: no Ray, no servers, nothing slow"
 	@echo "make bench     - CPU benchmarks: towers vs reference, input pipeline, planning at scale, 90-epoch projection"
 	@echo "make bench-gpu - the GPU benchmark (bench/gpu.sh; on a machine with a CUDA GPU)"
 	@echo "make ui        - open the MLflow UI on the local tracking store"
@@ -67,10 +69,13 @@ demo: $(STAMP)
 	$(PY) -m service.train experiment=demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -ra -m slow tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not integration" tests
+	$(PY) -m pytest -q -ra -m "not integration and not slow" tests
 
 bench: $(STAMP)
 	$(PY) bench/towers_cpu.py

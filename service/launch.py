@@ -211,6 +211,19 @@ def _finish_tracking(cfg: Config, handle, best, meta, data_cfg) -> dict:
     from service.tracking.registry import log_trained_model
 
     out = {"mlflow_run_id": handle.run_id, "ui": handle.ui_hint()}
+    # Quick requests for up to 60 s (as long as the workers wait for MLflow at their end):
+    # MLflow's own retries would hold a finished job for minutes, then fail it.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            mlflow_tracker.check_tracking_reachable(handle.tracking_uri)
+            break
+        except mlflow_tracker.TrackingUnreachable as error:
+            if time.monotonic() > deadline:
+                print(f"[mlflow] {str(error).split(';')[0]} at the end of the job: the learning curves, the model "
+                      "registration and the run's end were not recorded (the checkpoints are complete)", flush=True)
+                return out
+            time.sleep(2)  # polling interval while MLflow is away
     history = mlflow_tracker.metric_history(
         handle, ["loss", "train_loss", "val_loss", "train_top1_error", "val_top1_error", "val_top5_error"]
     )

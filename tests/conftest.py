@@ -1,20 +1,43 @@
-"""Shared fixtures: one real Ray cluster and one real MLflow server per test
-session, both on 127.0.0.1, telemetry off, Ray token auth on."""
+"""Session fixtures, shared by every test file: one real Ray cluster, one real
+MLflow server (restartable: the outage tests stop and start it), one S3
+server, one tiny ingested dataset and one real trained smoke run, all on
+127.0.0.1 with telemetry off and Ray token auth on."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import tempfile
-from pathlib import Path
+from dataclasses import dataclass
 
 import pytest
 
+from tests.helpers import REPO, ray_env, train_command
 from tests.servers import quiet_env, start_mlflow_server, start_ray_head
 
-pytest_plugins = [p for p in ("tests.fixtures.s3",) if (Path(__file__).parent / "fixtures" / "s3.py").exists()]
+pytest_plugins = ["tests.fixtures.s3"]
 
 # Telemetry off and token auth on for everything this test process starts.
 os.environ.update({k: v for k, v in quiet_env().items() if k.startswith(("RAY_", "MLFLOW_", "DO_NOT"))})
+
+# The tiny dataset: more than 5 classes, so a served top-5 leaves classes out;
+# 162 train images in 5 shards (a bad one can be skipped), 36 val images.
+TINY_CLASSES, TINY_TRAIN_PER_CLASS, TINY_VAL_PER_CLASS, TINY_SHARD_SIZE = 6, 27, 6, 40
+TINY_VAL_IMAGES = TINY_CLASSES * TINY_VAL_PER_CLASS
+
+
+# A test that uses any of these (directly or through another fixture) needs real servers.
+SERVER_FIXTURES = {"ray_head", "ray_session", "ray_local", "mlflow_server", "mlflow_outage", "s3_server",
+                   "s3_fault_proxy", "tiny_dataset", "trained_run", "two_nodes", "postgres_mlflow", "model_server"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that reaches a server fixture `integration`, so `make test-fast`
+    (-m "not integration and not slow") selects exactly the tests without Ray or servers."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +69,7 @@ def ray_session(ray_head):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
+    """The session's `mlflow server` (sqlite store); see `mlflow_outage` to stop it."""
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     try:
         yield server
@@ -53,10 +77,92 @@ def mlflow_server(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture
+def mlflow_outage(mlflow_server):
+    """The session's MLflow server for a test that stops it (`.stop()`, `.start()`):
+    running again, on the same address and store, when the test ends."""
+    yield mlflow_server
+    if not mlflow_server.running:
+        mlflow_server.start()
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, ray_session):
-    """4 generated classes x 40 train / 8 val images at shorter side 72, ingested to shards."""
+    """6 generated classes x 27 train / 6 val images at shorter side 72, ingested to shards of 40."""
     from service.data.demo import generate_demo_dataset
 
     out = tmp_path_factory.mktemp("tiny-data")
-    return generate_demo_dataset(str(out), classes=4, images_per_class=40, val_per_class=8, seed=0, image_side=72)
+    return generate_demo_dataset(str(out), classes=TINY_CLASSES, images_per_class=TINY_TRAIN_PER_CLASS,
+                                 val_per_class=TINY_VAL_PER_CLASS, seed=0, image_side=72,
+                                 shard_size=TINY_SHARD_SIZE, log=lambda message: None)
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """The session's trained run: `python -m service.train experiment=smoke` on
+    the tiny dataset for 1 epoch, then the same command with train.epochs=2,
+    which resumes from the first part's checkpoint. Checkpoints on S3 (the
+    session's moto server), tracked in the session's MLflow server, the best
+    registered as `alexnet` with alias `best`."""
+
+    run_id: str
+    tracking_uri: str
+    model_name: str
+    data_root: str
+    storage: str  # s3://<bucket>/runs; the run's checkpoints are under <storage>/smoke/
+    s3_overrides: tuple  # data.s3_* keys reaching the S3 server
+    outputs: tuple  # the console (stdout + stderr) of each part
+    checkpoints: tuple  # s3:// URIs of the checkpoint folders left in storage, oldest first
+
+    @property
+    def run_folder(self) -> str:
+        return f"{self.storage}/smoke"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_dataset, mlflow_server, ray_session, s3_server, tmp_path_factory) -> TrainedRun:
+    import mlflow
+
+    from service.data import storage as storage_module
+    from service.tracking.mlflow_tracker import RUN_NAME_TAG
+
+    bucket = s3_server.create_bucket()
+    storage = f"s3://{bucket}/runs"
+    s3 = (f"data.s3_endpoint={s3_server.endpoint_url}", f"data.s3_access_key={s3_server.access_key}",
+          f"data.s3_secret_key={s3_server.secret_key}")
+    hydra = tmp_path_factory.mktemp("trained-run")
+    outputs = []
+    for epochs in (1, 2):
+        command = train_command(tiny_dataset, storage, hydra, *s3, f"train.epochs={epochs}",
+                                "tracking.registered_model=alexnet", tracking_uri=mlflow_server.url,
+                                experiment="trained", name="smoke")
+        result = subprocess.run(command, cwd=REPO, env=ray_env(ray_session), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        outputs.append(result.stdout + result.stderr)
+    client = mlflow.MlflowClient(mlflow_server.url)
+    experiment = client.get_experiment_by_name("trained")
+    (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = 'smoke'")
+    files = storage_module.list_files(f"{storage}/smoke", s3_server.settings())
+    checkpoints = sorted({f"{storage}/smoke/{entry.rel.split('/')[0]}" for entry in files
+                          if entry.rel.endswith("/progress.json")})
+    return TrainedRun(run.info.run_id, mlflow_server.url, "alexnet", tiny_dataset, storage, s3, tuple(outputs),
+                      tuple(checkpoints))
+
+
+def download_checkpoint(uri: str, s3_server, folder) -> None:
+    """Copy the files of the s3:// checkpoint folder `uri` into the local `folder`."""
+    bucket, prefix = uri.removeprefix("s3://").split("/", 1)
+    client = s3_server.client()
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"]:
+        name = entry["Key"].removeprefix(f"{prefix}/")
+        if name and "/" not in name:  # not the folder's own marker object
+            client.download_file(bucket, entry["Key"], str(folder / name))
+
+
+def checkpoint_progress(uri: str, s3_server) -> dict:
+    """A checkpoint folder's progress.json (local or s3://)."""
+    from service.data import storage
+
+    return json.loads(storage.read_bytes(f"{uri}/progress.json", s3_server.settings()))

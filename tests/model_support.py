@@ -1,28 +1,22 @@
-"""A tiny AlexNet that really learns, for the serving, registry and evaluation tests.
+"""Images and references for the serving and evaluation tests.
 
-Three very distinct synthetic classes (red, green, blue photos with noise and
-a dark block), written as JPEGs by the test, preprocessed exactly as the
-served model preprocesses them, and learned in a few seconds on CPU with the
-project's own torch-only training step (`build_tower` + `TowerStep`).
+Three synthetic classes (red, green, blue photos with noise and a dark
+block) written as JPEGs, for the preprocessing tests; and training's own
+validation of given weights on an ingested dataset, the reference that
+evaluation and serving must match.
 """
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from service.data.meta import DatasetMeta
-from service.model import alexnet_spec
 from service.parallel.groups import single_process_groups
 from service.parallel.layout import ParallelLayout
-from service.serving.classifier import crop_probabilities
-from service.serving.preprocess import preprocess
-from service.train import checkpoint as ckpt
-from service.train.build import build_optimizer, build_tower
-from service.train.step import Normalizer, TowerStep, topk_hits
+from service.train.step import Normalizer, evaluate
 
 COLORS = [(210, 50, 40), (40, 190, 60), (50, 60, 210)]
 WNIDS = ["n00000001", "n00000002", "n00000003"]
@@ -65,37 +59,23 @@ def tiny_meta() -> DatasetMeta:
                        resize_size=RESIZE_SIZE)
 
 
-def train_checkpoint(folder: Path, steps: int = 40, seed: int = 0) -> dict:
-    """Train the tiny three-colour AlexNet and write a checkpoint folder; returns its metrics."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: threads only contend (20x slower on a busy 2-core machine)
-    try:
-        return _train_checkpoint(Path(folder), steps, seed)
-    finally:
-        torch.set_num_threads(threads)
+def validation_batches(root: str, crops: int, resize_size: int, image_size: int, batch_size: int = 7):
+    """(meta, the validation set as training's loop sees it: uint8 batches from the pipeline)."""
+    from dataclasses import replace
+
+    from service.config import DataConfig
+    from service.evaluation.inference import validation_dataset
+
+    data_cfg = replace(DataConfig(), root=root, resize_size=resize_size, eval_crops=crops, decode_concurrency=2)
+    meta, val = validation_dataset(data_cfg, image_size)
+    images = val.select_columns(["image", "label"])
+    return meta, list(images.iter_torch_batches(batch_size=batch_size, drop_last=False))
 
 
-def _train_checkpoint(folder: Path, steps: int, seed: int) -> dict:
-    spec = alexnet_spec(num_classes=len(COLORS), image_size=IMAGE_SIZE, towers=1, width_mult=0.25,
-                        dropout=0.0, init="kaiming")
-    groups = single_process_groups(ParallelLayout(1, 1))
-    tower = build_tower(spec, groups, seed, torch.device("cpu"))
-    step = TowerStep(tower, build_optimizer(tower, 0.01, 0.9, 5e-4), spec, groups)
-    normalizer = Normalizer(MEAN, STD, torch.device("cpu"), channels_last=False)
-    train_jpegs, train_labels = class_jpegs(16)
-    images = torch.from_numpy(preprocess(train_jpegs, RESIZE_SIZE, IMAGE_SIZE, 1)[:, 0])
-    labels = torch.tensor(train_labels)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        pick = torch.randint(0, len(labels), (16,), generator=generator)
-        step(normalizer(images[pick]), labels[pick])
-    val_jpegs, val_labels = class_jpegs(8, first_seed=100)
-    val = torch.from_numpy(preprocess(val_jpegs, RESIZE_SIZE, IMAGE_SIZE, 1))
-    probs = crop_probabilities(tower.eval(), normalizer, val)
-    top1, top5 = topk_hits(probs, torch.tensor(val_labels)).tolist()
-    metrics = {"val_top1_error": 1 - top1 / len(val_labels), "val_top5_error": 1 - top5 / len(val_labels)}
-    folder.mkdir(parents=True, exist_ok=True)
-    shard = ckpt.write_tower_shard(folder, 0, {"model": tower.state_dict()})
-    ckpt.write_progress(folder, {"epoch": 1, "step": steps, "replicas": 1, "towers": 1, "shards": [shard],
-                                 "spec": ckpt.spec_to_dict(spec), "metrics": metrics})
-    return metrics
+def training_validation(network, mean, std, root: str, crops: int, resize_size: int) -> dict:
+    """The val_* figures training's loop (`service.train.step.evaluate`) gives for
+    `network`'s weights on the dataset at `root`: the reference evaluation and
+    serving are compared with."""
+    _, batches = validation_batches(root, crops, resize_size, network.spec.image_size)
+    normalizer = Normalizer(mean, std, torch.device("cpu"), channels_last=False)
+    return evaluate(network.eval(), batches, normalizer, single_process_groups(ParallelLayout(1, 1)))

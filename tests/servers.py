@@ -13,27 +13,11 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
-import time
-import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Optional
 
-from service.parallel.local import free_port
-
-VENV_BIN = Path(sys.executable).parent
-
-
-def wait_until(ready: Callable[[], bool], timeout_s: float, what: str, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode} before it was ready")
-        if ready():
-            return
-        time.sleep(0.2)  # polling interval, not a wait for an event
-    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+from tests.helpers import VENV_BIN, free_port, http_ok, wait_until
 
 
 def quiet_env() -> dict:
@@ -49,6 +33,9 @@ def quiet_env() -> dict:
         # Ray Train's controller takes each checkpoint report on its poll (2 s by
         # default) while the workers wait; the tests' short runs checkpoint often.
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
+        # MLflow's system-metrics sampler (10 s by default) would take no sample in a test's
+        # short run; the Ray head passes this on to every worker it starts.
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
         PYTHONUNBUFFERED="1",
         # As if the venv were activated: `python` in a job's entrypoint is the
         # venv's, like for a user who ran `ray start` from an activated venv.
@@ -67,11 +54,11 @@ def stop(process: subprocess.Popen, timeout_s: float = 30, sig: int = signal.SIG
             process.wait()
 
 
-def stop_group(process: subprocess.Popen, timeout_s: float = 30) -> None:
+def stop_group(process: subprocess.Popen, timeout_s: float = 30, sig: int = signal.SIGTERM) -> None:
     """Stop a server started with `start_new_session=True` and the workers it
     forked: its own process group (pgid = its PID), nothing else."""
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
     try:
@@ -140,6 +127,9 @@ def start_ray_head(temp_dir: str, num_cpus: int = 6) -> RayHead:
         "--port", str(port),
         "--dashboard-host", "127.0.0.1",
         "--dashboard-port", str(dashboard_port),
+        # The job agent's HTTP port is 52365 by default: a second Ray on this machine (another
+        # session's) would hold it, and `ray job submit` would find no agent.
+        "--dashboard-agent-listen-port", str(free_port()),
         "--num-cpus", str(num_cpus),
         "--temp-dir", temp_dir,
         "--disable-usage-stats",
@@ -148,19 +138,8 @@ def start_ray_head(temp_dir: str, num_cpus: int = 6) -> RayHead:
     if result.returncode != 0:
         raise RuntimeError(f"ray start failed:\n{result.stdout}\n{result.stderr}")
     head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", temp_dir, env)
-    wait_until(lambda: _http_ok(f"{head.dashboard_url}/api/version", env), 120, "Ray dashboard")
+    wait_until(lambda: http_ok(f"{head.dashboard_url}/api/version", env["RAY_AUTH_TOKEN"]), 120, "Ray dashboard")
     return head
-
-
-def _http_ok(url: str, env: dict | None = None) -> bool:
-    request = urllib.request.Request(url)
-    if env and env.get("RAY_AUTH_TOKEN"):
-        request.add_header("Authorization", f"Bearer {env['RAY_AUTH_TOKEN']}")
-    try:
-        with urllib.request.urlopen(request, timeout=2) as response:
-            return response.status == 200
-    except Exception:
-        return False
 
 
 def _start_http_server(command: list[str], env: dict, log_path: Path, ready_path: str, port: int,
@@ -169,7 +148,7 @@ def _start_http_server(command: list[str], env: dict, log_path: Path, ready_path
     process = subprocess.Popen(command, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
-        wait_until(lambda: _http_ok(f"http://127.0.0.1:{port}{ready_path}"), 180, what, process)
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}{ready_path}"), 180, what, process)
     except Exception:
         stop_group(process)
         raise RuntimeError(f"{what} did not start:\n{log_path.read_text()[-3000:]}")
@@ -178,31 +157,53 @@ def _start_http_server(command: list[str], env: dict, log_path: Path, ready_path
 
 @dataclass
 class MlflowServer:
-    url: str
-    process: subprocess.Popen
-    port: int = 0
+    """An `mlflow server` on 127.0.0.1 that can be stopped and started again
+    at the same address on the same store (an outage, then recovery)."""
+
+    folder: Path
+    backend_store_uri: str
+    port: int
+    workers: int = 1
+    process: Optional[subprocess.Popen] = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> "MlflowServer":
+        """Start it (again), serving artifacts itself; returns once /health answers."""
+        command = [
+            str(VENV_BIN / "mlflow"), "server",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--backend-store-uri", self.backend_store_uri,
+            "--artifacts-destination", str(self.folder / "artifacts"),
+            "--workers", str(self.workers),
+        ]
+        # MLflow's job runner (7 huey consumers for its GenAI jobs, none used by tracking) would
+        # double the server's start time and memory here.
+        env = {**quiet_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.process = _start_http_server(command, env, self.folder / "mlflow-server.log", "/health",
+                                          self.port, "mlflow server")
+        return self
 
     def stop(self) -> None:
-        stop_group(self.process)
+        """Stop it at once (SIGKILL to its process group), as a crash or a lost
+        machine would: no graceful shutdown; `start()` brings it back."""
+        if self.process is not None:
+            stop_group(self.process, sig=signal.SIGKILL)
+            self.process = None
 
 
-def start_mlflow_server(
-    folder: Path, backend_store_uri: str | None = None, port: int | None = None, workers: int = 1
-) -> MlflowServer:
-    """`mlflow server` serving artifacts itself; backend sqlite in `folder`
-    unless `backend_store_uri` is given. Pass `port` to restart a stopped
-    server at the same address."""
-    port = port or free_port()
-    command = [
-        str(VENV_BIN / "mlflow"), "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--backend-store-uri", backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}",
-        "--artifacts-destination", str(folder / "artifacts"),
-        "--workers", str(workers),
-    ]
-    process = _start_http_server(command, quiet_env(), folder / "mlflow-server.log", "/health", port, "mlflow server")
-    return MlflowServer(f"http://127.0.0.1:{port}", process, port)
+def start_mlflow_server(folder: Path, backend_store_uri: str | None = None, workers: int = 1) -> MlflowServer:
+    """`mlflow server` with a sqlite store in `folder` unless `backend_store_uri` is given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    server = MlflowServer(folder, backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}", free_port(), workers)
+    return server.start()
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Configuration: composition, validation, and failing before anything starts."""
 
+import os
 import subprocess
 import sys
 
@@ -82,25 +83,35 @@ def test_model_that_cannot_split_fails_before_start():
         check_layout(cfg, num_classes=5)
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("parallel.towers=3", "parallel.towers=3 is not allowed"),
-        ("model.num_classes=2", "num_classes=2 is smaller than towers=4"),
-    ],
-)
-def test_cli_rejects_bad_config_without_contacting_ray(override, message, tmp_path):
-    # The address points at a closed port: had the job tried to reach Ray it
-    # would fail with a connection error after a long timeout, not this message.
+# Each case a real `python -m service.train` (all started at once): exit 2 and one
+# line on stderr, before Ray. The address points at a closed port: had the job
+# tried to reach Ray it would fail with a connection error after a long
+# timeout, not with this message.
+NO_AWS = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
+          "AWS_CONFIG_FILE": "/nonexistent/config"}
+
+
+def test_cli_errors_are_one_line_exit_2_before_ray(tmp_path):
+    (tmp_path / "not-ingested").mkdir()
     dead = f"127.0.0.1:{free_port()}"
-    result = subprocess.run(
-        [sys.executable, "-m", "service.train", override, "parallel.towers=4" if "num_classes" in override else "run.name=x",
-         f"cluster.address={dead}", f"hydra.run.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Connecting to existing Ray cluster" not in result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
+    cases = {  # name: (overrides, text the one line must hold)
+        "towers": (["parallel.towers=3"], "configuration error: parallel.towers=3 is not allowed"),
+        "split": (["parallel.towers=4", "model.num_classes=2"], "num_classes=2 is smaller than towers=4"),
+        "missing root": (["data.root=/nonexistent/imagenet"], "error: data.root=/nonexistent/imagenet does not exist"),
+        "root not ingested": ([f"data.root={tmp_path}/not-ingested"], "holds no meta.json"),
+        "S3 without credentials": (["data.root=s3://imagenet/train-ready", f"data.s3_endpoint=http://{dead}"],
+                                   "error: no S3 credentials for s3://imagenet/train-ready"),
+    }
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **NO_AWS}
+    processes = {
+        name: subprocess.Popen([sys.executable, "-m", "service.train", *overrides, f"cluster.address={dead}",
+                                f"hydra.run.dir={tmp_path / name.replace(' ', '-')}"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, (overrides, _) in cases.items()
+    }
+    for name, process in processes.items():
+        out, err = process.communicate(timeout=300)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert process.returncode == 2, (name, process.returncode, err[-2000:])
+        assert len(lines) == 1 and cases[name][1] in lines[0], (name, err[-2000:])
+        assert "Connecting to existing Ray cluster" not in out + err and "Traceback" not in err, name

@@ -22,6 +22,7 @@ from service.model import alexnet_spec
 from service.parallel.layout import ParallelLayout
 from service.train.build import TrainingOptions, build_training, rank_groups
 from service.train.loop import LoopOptions, run_training
+from tests.loop_support import RecordingHooks
 
 CLASSES, PER_CLASS, BATCH, SIDE, CROP = 10, 32, 32, 72, 64
 EPOCHS = 16
@@ -57,21 +58,8 @@ def _epochs(images: np.ndarray, labels: np.ndarray, seed: int):
     return for_epoch
 
 
-class LossRecorder:
-    def __init__(self):
-        self.losses = []
-
-    def on_step(self, progress, metrics):
-        self.losses.append(metrics["loss"])
-
-    def on_epoch_end(self, progress, metrics, conv1_weight):
-        pass
-
-    def save_checkpoint(self, progress, tower_state, metrics):
-        pass
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# Seed 0 in `make test`; the other seeds (the "every seed" claim) in `make test-slow`, which CI runs.
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_small_config_loss_falls_well_below_its_start(seed):
     torch.manual_seed(seed)
     images, labels = _dataset(seed)
@@ -82,7 +70,7 @@ def test_small_config_loss_falls_well_below_its_start(seed):
     options = TrainingOptions(spec=spec, layout=ParallelLayout(1, 1), recipe=recipe, base_lr=0.02,
                               steps_per_epoch=STEPS_PER_EPOCH, epochs=EPOCHS, seed=seed, mean=mean, std=std)
     training = build_training(options, rank_groups(ParallelLayout(1, 1)), torch.device("cpu"))
-    recorder = LossRecorder()
+    recorder = RecordingHooks()
     loop = LoopOptions(epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, log_every_steps=1, eval_every_epochs=EPOCHS)
     batches = _epochs(images, labels, seed)
     run_training(training, batches, lambda epoch: list(batches(0, STEPS_PER_EPOCH - 1)), recorder, loop)

@@ -6,7 +6,7 @@ parallel.allow_cross_node_towers=true, warn and train."""
 
 from __future__ import annotations
 
-import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -16,9 +16,8 @@ import pytest
 
 from service.parallel.layout import ParallelLayout
 from service.parallel.placement import describe_split, split_replicas
-from tests.servers import VENV_BIN, start_ray_head, wait_until
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, VENV_BIN, free_port, ray_env, train_command, wait_until
+from tests.servers import start_ray_head
 
 
 def test_split_replicas_names_the_nodes_of_each_split_replica():
@@ -32,6 +31,26 @@ def test_split_replicas_names_the_nodes_of_each_split_replica():
     assert split_replicas(ParallelLayout(2, 2), ["a", "a", "b", "b"]) == {}
 
 
+def test_a_cluster_too_small_for_the_job_is_named_with_what_it_needs(ray_session, capsys):
+    """The session cluster has 6 CPUs and no GPU: 2 tower workers of 4 CPUs, or
+    on GPUs, do not fit; the job says what it needs (and would then wait)."""
+    from service.hydra_app import compose
+    from service.ray_cluster import cluster_cpus, plan_decode, warn_if_short
+
+    def warning(*overrides: str) -> str:
+        cfg = compose(["experiment=smoke", *overrides])
+        warn_if_short(cfg, plan_decode(cfg, cluster_cpus()))
+        return capsys.readouterr().out
+
+    assert cluster_cpus() == 6
+    assert warning() == ""  # 2 workers x 1 CPU + 4 decode tasks: the cluster's 6
+    said = warning("cluster.cpus_per_worker=4", "data.decode_concurrency=2")
+    assert said.startswith("[train] WARNING: the job needs 10 CPUs (2 workers x cluster.cpus_per_worker=4 "
+                           "+ 2 decode tasks) but the cluster has 6. It will wait"), said
+    said = warning("cluster.use_gpu=true")
+    assert "2 GPUs (one per tower worker) but the cluster has 0" in said and "CPUs" not in said, said
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """A head and a second node of 3 logical CPUs each, on 127.0.0.1."""
@@ -41,46 +60,44 @@ def two_nodes():
     try:
         result = subprocess.run(
             [str(VENV_BIN / "ray"), "start", "--address", head.address, "--node-ip-address", "127.0.0.1",
-             "--num-cpus", "3", "--temp-dir", folder, "--disable-usage-stats"],
+             "--num-cpus", "3", "--temp-dir", folder, "--disable-usage-stats",
+             "--dashboard-agent-listen-port", str(free_port())],
             env=env, capture_output=True, text=True, timeout=180,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        wait_until(lambda: _alive_nodes(head) == 2, 120, "the second Ray node")
+        wait_until(lambda: len(_node_ids(head)) == 2, 120, "the second Ray node")
         yield head
     finally:
         head.stop()
 
 
-def _alive_nodes(head) -> int:
-    command = [sys.executable, "-c", "import ray; ray.init(address='%s'); print(sum(n['Alive'] for n in ray.nodes()))"
-               % head.address]
+def _node_ids(head) -> list[str]:
+    """The ids of the cluster's live nodes (asked from another process: this one is the session cluster's driver)."""
+    command = [sys.executable, "-c", "import ray; ray.init(address='%s'); "
+               "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))" % head.address]
     out = subprocess.run(command, env=head.env, capture_output=True, text=True, timeout=60).stdout.strip()
-    return int(out.splitlines()[-1]) if out else 0
+    return out.splitlines()[-1].split() if out else []
 
 
-def _train(head, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **head.env, "RAY_ADDRESS": head.address}
-    command = [
-        sys.executable, "-m", "service.train", "experiment=smoke", "tracking.enabled=false",
-        "cluster.cpus_per_worker=2", "data.decode_concurrency=1", "train.max_steps=2",
-        f"data.generated_dir={tmp_path / 'data'}", f"storage.path={tmp_path / 'ckpt'}",
-        f"hydra.run.dir={tmp_path / 'hydra'}", *extra,
-    ]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def _train(head, tiny_dataset, tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    command = train_command(tiny_dataset, tmp_path / "ckpt", tmp_path / "hydra", "cluster.cpus_per_worker=2",
+                            "data.decode_concurrency=1", "train.max_steps=2", *extra, name=name)
+    return subprocess.run(command, cwd=REPO, env=ray_env(head), capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.integration
-def test_towers_split_over_two_nodes_stop_the_job_naming_the_nodes(two_nodes, tmp_path):
-    result = _train(two_nodes, tmp_path, "run.name=split")
+def test_towers_split_over_two_nodes_stop_the_job_naming_the_nodes(two_nodes, tiny_dataset, tmp_path):
+    result = _train(two_nodes, tiny_dataset, tmp_path, "split")
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
     assert "the towers of 1 replica(s) span nodes" in output, output[-3000:]
-    assert "replica 0: towers 0 on" in output and "1 on" in output
+    # Each node named by the start of its id (and its address): the two nodes of the cluster.
+    nodes = re.search(r"replica 0: towers 0 on (\w+) \([^)]*\), 1 on (\w+) \(", output)
+    assert nodes, output[-3000:]
+    assert sorted(nodes.groups()) == sorted(node[:12] for node in _node_ids(two_nodes)), output[-3000:]
 
 
-@pytest.mark.integration
-def test_cross_node_towers_allowed_explicitly_train_with_a_warning(two_nodes, tmp_path):
-    result = _train(two_nodes, tmp_path, "run.name=allowed", "parallel.allow_cross_node_towers=true")
+def test_cross_node_towers_allowed_explicitly_train_with_a_warning(two_nodes, tiny_dataset, tmp_path):
+    result = _train(two_nodes, tiny_dataset, tmp_path, "allowed", "parallel.allow_cross_node_towers=true")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "parallel.allow_cross_node_towers=true: the towers of 1 replica(s) span nodes" in output

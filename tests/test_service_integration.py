@@ -14,10 +14,13 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from service.evaluate import evaluate
+from service.evaluation.config import EvaluateConfig, validate_evaluate_config
 from service.hydra_app import compose
 from service.launch import train
 from service.tracking.mlflow_tracker import PARENT_TAG, SWEEP_TAG
-from tests.servers import wait_until
+from tests.conftest import TINY_VAL_IMAGES
+from tests.helpers import assert_complete_history, wait_until
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -95,8 +98,8 @@ def test_ray_job_submit_end_to_end(tiny_dataset, mlflow_server, ray_session, tmp
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "alexnet_small"
     assert run.data.params["parallel.towers"] == "2"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert steps and steps == sorted(set(steps))
+    # smoke: 5 steps of 32 images, loss logged every 2nd step, validation at the epoch's end.
+    assert_complete_history(client, run.info.run_id, ["loss"], 5, every=2, val_steps=[5])
     assert "val_top1_error" in run.data.metrics
     (version,) = client.search_model_versions("name='jobs-model'")
     assert version.run_id == run.info.run_id
@@ -110,14 +113,18 @@ def test_two_replicas_two_towers_with_ten_crop_eval(tiny_dataset, mlflow_server,
     summary = train(
         compose(base + ["parallel.replicas=2", "train.batch_size=32", "data.eval_crops=10", "tracking.log_model=false"])
     )
-    assert summary["val_images"] == 4 * 8  # classes x val_per_class of the tiny dataset
-    # Exact counting over both replicas: the error is a whole number of the 32 images.
-    wrong = summary["val_top1_error"] * 32
-    assert abs(wrong - round(wrong)) < 1e-9, summary["val_top1_error"]
+    assert summary["val_images"] == TINY_VAL_IMAGES  # every val image once over both replicas
     checkpoint = Path(summary["checkpoint"])
+    # Exact counting: the 4 workers' 10-crop validation equals the single-process evaluator's on the same weights.
+    evaluated = evaluate(compose([f"model_uri={checkpoint}", f"data.root={tiny_dataset}", "eval.crops=10",
+                                  "eval.actors=1", "tracking.enabled=false"], "evaluate", EvaluateConfig,
+                                 validate_evaluate_config))
+    assert (evaluated["top1_error"], evaluated["top5_error"]) == pytest.approx(
+        (summary["val_top1_error"], summary["val_top5_error"]), abs=1e-12)
     assert checkpoint.parent == tmp_path / "ckpt" / "r2x2"
     # Replica 0's towers write the shards; replica 1 holds identical weights.
     assert sorted(p.name for p in checkpoint.iterdir()) == ["progress.json", "tower_0.pt", "tower_1.pt"]
     client = mlflow.MlflowClient(mlflow_server.url)
     (run,) = _runs(client, "replicas")
     assert run.data.params["parallel.replicas"] == "2"
+    assert run.data.metrics["val_top1_error"] == summary["val_top1_error"]

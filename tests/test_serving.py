@@ -1,10 +1,11 @@
 """The registered model serves JPEGs over real HTTP (`mlflow models serve`), and
 its preprocessing is exactly the validation pipeline's.
 
-A tiny AlexNet learns three colour classes from JPEGs the test writes, is
-logged and registered by `log_trained_model` into a real `mlflow server`,
-and served by `mlflow models serve -m models:/<name>@best --env-manager local`
-on 127.0.0.1 (stopped by its process group)."""
+Served: `models:/alexnet@best` of the session's real trained run (6 classes,
+so the top-5 cut leaves one out), by `mlflow models serve --env-manager local`
+on 127.0.0.1 as `make serve` does (stopped by its process group), and the same
+run's checkpoint registered as a 10-crop model. On the validation JPEGs both
+err exactly as training's validation of the same weights did."""
 
 from __future__ import annotations
 
@@ -21,13 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.config import TrackingConfig
 from service.serving.preprocess import MAX_IMAGE_BYTES, BadImage, preprocess
-from tests.model_support import (
-    IMAGE_SIZE, NAMES, RESIZE_SIZE, WNIDS, class_jpegs, class_photo, jpeg, tiny_meta, train_checkpoint,
-)
-
-MODEL_NAME = "serving-alexnet"
+from tests.model_support import IMAGE_SIZE, RESIZE_SIZE, class_jpegs, class_photo, jpeg, tiny_meta
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -90,26 +86,39 @@ def test_bad_images_are_named(payload, message):
 # ----------------------------------------------------------------------------- over HTTP
 
 
+def _val_jpegs(data_root: str) -> tuple[list[bytes], list[int]]:
+    """The validation set's JPEGs as stored in its shards (the bytes training validated on), and labels."""
+    import pyarrow.parquet as pq
+
+    from service.data.meta import load_meta
+
+    jpegs, labels = [], []
+    for shard in load_meta(data_root).shards["val"]:
+        table = pq.read_table(Path(data_root) / shard, columns=["jpeg", "label"])
+        jpegs += table.column("jpeg").to_pylist()
+        labels += table.column("label").to_pylist()
+    return jpegs, labels
+
+
+def _provenance(trained_run, model_uri: str) -> dict:
+    import tempfile
+
+    from service.tracking.registry import fetch_model_files
+
+    with tempfile.TemporaryDirectory() as folder:
+        card, _state, _model_id = fetch_model_files(model_uri, trained_run.tracking_uri, folder)
+    return card.provenance
+
+
 @pytest.fixture(scope="module")
-def model_server(mlflow_server, tmp_path_factory):
-    from service.tracking.mlflow_tracker import finish_run, open_run
-    from service.tracking.registry import log_trained_model
-    from service.tracking.worker_tracker import WorkerTracker
+def model_server(trained_run, tmp_path_factory):
+    """`mlflow models serve -m models:/alexnet@best` of the session's trained run (what `make serve` runs)."""
     from tests.servers import start_model_server
 
-    folder = tmp_path_factory.mktemp("serving")
-    metrics = train_checkpoint(folder / "checkpoint")
-    tracking = TrackingConfig(uri=mlflow_server.url, experiment="serving", registered_model=MODEL_NAME)
-    handle = open_run(tracking, "serving-run", {"model": {"name": "alexnet_small"}})
-    tracker = WorkerTracker(handle, system_metrics=False)
-    tracker.add(metrics, step=40, epoch=1)
-    tracker.flush()
-    assert tracker.close().unsent_points == 0
-    version = log_trained_model(handle, str(folder / "checkpoint"), tiny_meta(), tracking, resize_size=RESIZE_SIZE)
-    finish_run(handle)
-    server = start_model_server(f"models:/{MODEL_NAME}@best", mlflow_server.url, folder)
+    server = start_model_server(f"models:/{trained_run.model_name}@best", trained_run.tracking_uri,
+                                tmp_path_factory.mktemp("serving"))
     try:
-        yield server, version, handle
+        yield server
     finally:
         server.stop()
 
@@ -133,68 +142,141 @@ def _records(images: list[bytes], **extra) -> bytes:
     return json.dumps({"dataframe_records": records, **extra}).encode()
 
 
-@pytest.mark.integration
-def test_served_model_ranks_the_learned_class_first_on_its_training_jpegs(model_server):
-    server, version, _ = model_server
-    assert version == "1"
-    images, labels = class_jpegs(4)  # among the images it was trained on
-    status, body, text = _post(server.url, _records(images))
+def _served_errors(url: str, jpegs: list[bytes], labels: list[int], wnids: list[str]) -> tuple[float, float, list]:
+    """(top-1 error, top-5 error, predictions) of the served model on these JPEGs."""
+    status, body, text = _post(url, _records(jpegs))
     assert status == 200, text
     predictions = body["predictions"]
-    assert len(predictions) == len(images)
-    for prediction, label in zip(predictions, labels):
+    assert len(predictions) == len(jpegs)
+    top1 = sum(p["wnids"][0] != wnids[label] for p, label in zip(predictions, labels)) / len(labels)
+    top5 = sum(wnids[label] not in p["wnids"] for p, label in zip(predictions, labels)) / len(labels)
+    return top1, top5, predictions
+
+
+@pytest.mark.integration
+def test_served_best_model_cuts_at_top_5_and_errs_exactly_as_its_run_logged(model_server, trained_run):
+    """The 36 validation JPEGs of the tiny dataset (6 classes) sent over HTTP: each
+    answer is the top 5 of 6, best first; the served top-1/top-5 errors are
+    the validation errors training logged at the registered checkpoint's step."""
+    import mlflow
+
+    from service.data.meta import load_meta
+
+    meta = load_meta(trained_run.data_root)
+    jpegs, labels = _val_jpegs(trained_run.data_root)
+    top1, top5, predictions = _served_errors(model_server.url, jpegs, labels, meta.wnids)
+    for prediction in predictions:
         assert sorted(prediction) == ["names", "probabilities", "wnids"]
-        assert len(prediction["wnids"]) == len(prediction["names"]) == len(prediction["probabilities"]) == 3
-        assert sorted(prediction["wnids"]) == WNIDS  # 3 classes: the top 5 is all of them
-        assert prediction["names"] == [NAMES[WNIDS.index(w)] for w in prediction["wnids"]]
+        assert len(set(prediction["wnids"])) == len(prediction["names"]) == len(prediction["probabilities"]) == 5
+        assert set(prediction["wnids"]) < set(meta.wnids)  # 6 classes: one left out
+        assert prediction["names"] == [meta.names[meta.wnids.index(w)] for w in prediction["wnids"]]
         probabilities = prediction["probabilities"]
         assert probabilities == sorted(probabilities, reverse=True)
-        assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
-        assert prediction["wnids"][0] == WNIDS[label]
-    status, body, text = _post(server.url, _records(images[:1], params={"top_k": 1}))
+        assert 0 < sum(probabilities) < 1  # the sixth class holds the rest
+    client = mlflow.MlflowClient(trained_run.tracking_uri)
+    step = _provenance(trained_run, f"models:/{trained_run.model_name}@best")["step"]
+    logged = {key: {m.step: m.value for m in client.get_metric_history(trained_run.run_id, key)}
+              for key in ("val_top1_error", "val_top5_error")}
+    assert (top1, top5) == pytest.approx((logged["val_top1_error"][step], logged["val_top5_error"][step]),
+                                         abs=1e-9)
+    status, body, text = _post(model_server.url, _records(jpegs[:1], params={"top_k": 1}))
     assert status == 200 and len(body["predictions"][0]["wnids"]) == 1, text
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
     "body, message",
-    [
+    [  # the bad payloads the README lists, then malformed requests
         (_records([b"plain text, not an image"]), "not an image"),
         (_records([b""]), "is empty"),
-        (_records([_png_claiming(10_000, 10_000)]), "10000x10000 pixels"),
-        (json.dumps({"dataframe_records": []}).encode(), "missing inputs ['image']"),
+        (_records([b"\0" * (MAX_IMAGE_BYTES + 1)]), f"more than the {MAX_IMAGE_BYTES} accepted"),
+        (_records([_png_claiming(10_000, 10_000)]), "10000x10000 pixels, more than the 40000000 accepted"),
+        (_records([jpeg(class_photo(0, 0))[:-1500]]), "cannot be decoded"),
         (json.dumps({"dataframe_records": [{"picture": "AAAA"}]}).encode(), "image"),
+        (json.dumps({"dataframe_records": []}).encode(), "missing inputs ['image']"),
         (b"{not json", "JSON"),
         (_records([jpeg(class_photo(0, 0))], params={"top_k": 0}), "top_k"),
     ],
+    ids=["not-an-image", "empty", "over-20MiB", "over-40MP", "truncated", "no-image-column", "no-records",
+         "not-json", "top_k-0"],
 )
-def test_bad_payloads_get_a_4xx_with_a_clear_message(model_server, body, message):
-    server, _, _ = model_server
-    status, answer, text = _post(server.url, body)
-    assert 400 <= status < 500, text
-    assert message in answer.get("message", ""), text
+def test_bad_payloads_get_http_400_naming_the_fault(model_server, body, message):
+    status, answer, text = _post(model_server.url, body)
+    assert status == 400, text[:2000]
+    assert message in answer.get("message", ""), text[:2000]
     assert "Traceback" not in text and "stack_trace" not in answer
 
 
 @pytest.mark.integration
-def test_registered_version_carries_weights_for_fine_tuning(model_server, tmp_path):
+def test_registered_version_carries_weights_for_fine_tuning(trained_run, tmp_path):
     import mlflow
     import torch
 
+    from service.data.meta import load_meta
     from service.model import ReferenceAlexNet
     from service.serving.classifier import CARD_FILE, WEIGHTS_FILE, ModelCard
 
-    server, version, handle = model_server
-    mlflow.set_tracking_uri(handle.tracking_uri)
-    folder = mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@best", dst_path=str(tmp_path))
+    mlflow.set_tracking_uri(trained_run.tracking_uri)
+    folder = mlflow.artifacts.download_artifacts(f"models:/{trained_run.model_name}@best", dst_path=str(tmp_path))
     files = Path(folder) / "artifacts" / "model_files"
     card = ModelCard.from_dict(json.loads((files / CARD_FILE).read_text()))
     network = ReferenceAlexNet(card.spec)
     network.load_state_dict(torch.load(files / WEIGHTS_FILE, weights_only=True))  # plain PyTorch, strict
-    assert card.wnids == WNIDS and card.resize_size == RESIZE_SIZE and card.provenance["run_id"] == handle.run_id
-    client = mlflow.MlflowClient(handle.tracking_uri)
-    model_id = client.get_model_version(MODEL_NAME, version).source.removeprefix("models:/")
-    logged = client.get_logged_model(model_id)
-    assert {m.key for m in logged.metrics} >= {"val_top1_error", "val_top5_error"}
-    history = client.get_metric_history(handle.run_id, "val_top1_error")
-    assert [m.step for m in history] == [40]  # linking the metrics to the model added no second point
+    meta = load_meta(trained_run.data_root)
+    assert card.wnids == meta.wnids and card.resize_size == meta.resize_size and card.crops == 1
+    assert card.provenance["run_id"] == trained_run.run_id
+    client = mlflow.MlflowClient(trained_run.tracking_uri)
+    version = client.get_model_version_by_alias(trained_run.model_name, "best")
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    metrics = {m.key: m.value for m in logged.metrics}
+    history = {m.step: m.value for m in client.get_metric_history(trained_run.run_id, "val_top1_error")}
+    assert metrics["val_top1_error"] == history[card.provenance["step"]]
+
+
+@pytest.fixture(scope="module")
+def ten_crop_server(trained_run, s3_server, tmp_path_factory):
+    """The trained run's last checkpoint, registered by `log_trained_model` as a
+    10-crop model (what data.eval_crops=10 registers) in a run of its own, and served."""
+    from service.config import TrackingConfig
+    from service.data.meta import load_meta
+    from service.tracking.mlflow_tracker import finish_run, open_run
+    from service.tracking.registry import log_trained_model
+    from tests.servers import start_model_server
+
+    from tests.conftest import download_checkpoint
+
+    folder = tmp_path_factory.mktemp("ten-crop")
+    checkpoint = folder / "checkpoint"
+    download_checkpoint(trained_run.checkpoints[-1], s3_server, checkpoint)
+    meta = load_meta(trained_run.data_root)
+    tracking = TrackingConfig(uri=trained_run.tracking_uri, experiment="serving", registered_model="ten-crop")
+    handle = open_run(tracking, "ten-crop", {"model": {"name": "alexnet_small"}})
+    version = log_trained_model(handle, str(checkpoint), meta, tracking, resize_size=meta.resize_size, crops=10)
+    finish_run(handle)
+    server = start_model_server(f"models:/ten-crop/{version}", trained_run.tracking_uri, folder)
+    try:
+        yield server, checkpoint
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+def test_a_ten_crop_model_serves_training_s_ten_crop_validation(ten_crop_server, trained_run):
+    """Served over HTTP, the 10-crop model errs on the validation JPEGs exactly as
+    training's own 10-crop validation of the same weights does."""
+    from service.data.meta import load_meta
+    from service.model import ReferenceAlexNet
+    from service.train.checkpoint import load_reference_state
+    from tests.model_support import training_validation
+
+    server, checkpoint = ten_crop_server
+    meta = load_meta(trained_run.data_root)
+    jpegs, labels = _val_jpegs(trained_run.data_root)
+    top1, top5, _ = _served_errors(server.url, jpegs, labels, meta.wnids)
+    spec, state = load_reference_state(checkpoint)
+    network = ReferenceAlexNet(spec)
+    network.load_state_dict(state)
+    expected = training_validation(network, meta.mean, meta.std, trained_run.data_root, crops=10,
+                                   resize_size=meta.resize_size)
+    assert expected["val_images"] == len(jpegs)
+    assert (top1, top5) == pytest.approx((expected["val_top1_error"], expected["val_top5_error"]), abs=1e-9)

@@ -4,8 +4,6 @@ the exchanges, bf16 gradient compression, exact mid-epoch resume."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -15,7 +13,8 @@ from service.parallel.exchange import TowerExchange
 from service.parallel.layout import ParallelLayout
 from service.parallel.local import run_on_processes
 from service.train.build import TrainingOptions, build_training, rank_groups
-from service.train.loop import LoopOptions, Progress, run_training
+from service.train.loop import LoopOptions, run_training
+from tests.loop_support import RecordingHooks, synthetic_batches
 
 MEAN, STD = (120.0, 115.0, 100.0), (60.0, 60.0, 60.0)
 
@@ -26,30 +25,6 @@ def options(towers=1, replicas=1, dropout=0.5, compile=False, steps_per_epoch=20
         spec=spec, layout=ParallelLayout(replicas, towers), recipe=RecipeConfig(lr=0.01, schedule="constant", **recipe),
         base_lr=0.01, steps_per_epoch=steps_per_epoch, epochs=epochs, seed=3, mean=MEAN, std=STD, compile=compile,
     )
-
-
-def make_batches(count: int, batch: int = 8, device="cpu", seed: int = 0) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        labels = torch.randint(0, 8, (batch,), generator=generator)
-        image = torch.randint(0, 256, (batch, 64, 64, 3), generator=generator, dtype=torch.uint8)
-        out.append({"image": image.to(device), "label": labels.to(device), "lighting": torch.zeros(batch, 3, device=device)})
-    return out
-
-
-class Hooks:
-    def __init__(self):
-        self.steps, self.checkpoints = [], []
-
-    def on_step(self, progress, metrics):
-        self.steps.append(progress.step)
-
-    def on_epoch_end(self, progress, metrics, conv1_weight):
-        pass
-
-    def save_checkpoint(self, progress, tower_state, metrics):
-        self.checkpoints.append((copy.deepcopy(progress), copy.deepcopy(tower_state)))
 
 
 class Counting:
@@ -73,10 +48,10 @@ def test_loop_reads_the_device_only_on_logging_steps_checkpoints_and_epoch_ends(
     checkpoint or epoch end, never on the steps before it."""
     meta = torch.device("meta")
     training = build_training(options(), rank_groups(ParallelLayout(1, 1)), meta)
-    batches = Counting(make_batches(20, device=meta))
+    batches = Counting(synthetic_batches(20, device=meta))
     loop = LoopOptions(epochs=1, steps_per_epoch=20, log_every_steps=log_every, checkpoint_every_steps=checkpoint_every)
     with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
-        run_training(training, batches, lambda epoch: [], Hooks(), loop)
+        run_training(training, batches, lambda epoch: [], RecordingHooks(), loop)
     assert batches.taken == first_read_after
 
 
@@ -87,7 +62,7 @@ def _train(training, batches, steps):
 
 
 def test_compiled_tower_trains_like_the_eager_one():
-    batches = make_batches(3)
+    batches = synthetic_batches(3)
     eager = build_training(options(dropout=0.0), rank_groups(ParallelLayout(1, 1)), torch.device("cpu"))
     compiled = build_training(options(dropout=0.0, compile=True), rank_groups(ParallelLayout(1, 1)), torch.device("cpu"))
     assert compiled.step.trained is not compiled.step.model  # really compiled
@@ -159,7 +134,7 @@ def _compressed_worker(rank, world_size, out_dir):
     training = build_training(
         TrainingOptions(**{**opts.__dict__, "layout": ParallelLayout(world_size, 1), "grad_compression": "bf16"}),
         groups, torch.device("cpu"))
-    batch = make_batches(1, batch=8, seed=rank)[0]
+    batch = synthetic_batches(1, batch=8, seed=rank)[0]
     training.step.optimizer.zero_grad()
     training.step.forward_backward(training.normalizer(batch["image"]), batch["label"])
     torch.save({n: p.grad.clone() for n, p in training.step.model.named_parameters()}, f"{out_dir}/rank{rank}.pt")
@@ -175,7 +150,7 @@ def test_bf16_gradient_compression_averages_replicas_within_bf16_precision(tmp_p
     from service.train.step import Normalizer
 
     normalizer = Normalizer(MEAN, STD, torch.device("cpu"), channels_last=False)
-    batches = [make_batches(1, batch=8, seed=r)[0] for r in range(2)]
+    batches = [synthetic_batches(1, batch=8, seed=r)[0] for r in range(2)]
     loss = sum(F.cross_entropy(reference(normalizer(b["image"])), b["label"]) for b in batches) / 2
     loss.backward()
     for name, param in reference.named_parameters():
@@ -188,7 +163,7 @@ def test_resume_mid_epoch_replays_the_same_batches_and_ends_with_the_same_weight
     """Stop at a mid-epoch checkpoint, rebuild everything, resume: the batches
     taken after the checkpoint and the final weights equal the uninterrupted
     run's (dropout on: its stream is restored too)."""
-    data = {epoch: make_batches(6, seed=100 + epoch) for epoch in range(2)}
+    data = {epoch: synthetic_batches(6, seed=100 + epoch) for epoch in range(2)}
     loop = LoopOptions(epochs=2, steps_per_epoch=6, log_every_steps=100, checkpoint_every_steps=4)
     seen_full: list = []
 
@@ -203,17 +178,17 @@ def test_resume_mid_epoch_replays_the_same_batches_and_ends_with_the_same_weight
         return build_training(options(steps_per_epoch=6), rank_groups(ParallelLayout(1, 1)), torch.device("cpu"))
 
     full = fresh()
-    final = run_training(full, batches(seen_full), lambda e: data[0][:1], Hooks(), loop)
+    final = run_training(full, batches(seen_full), lambda e: data[0][:1], RecordingHooks(), loop)
     assert final.step == 12
 
     first, seen_first = fresh(), []
-    hooks = Hooks()
+    hooks = RecordingHooks()
     run_training(first, batches(seen_first), lambda e: data[0][:1], hooks, LoopOptions(**{**loop.__dict__, "max_steps": 8}))
     progress, state = next((p, s) for p, s in hooks.checkpoints if p.step == 8)  # epoch 1, batch 2
     assert (progress.epoch, progress.step) == (1, 8)
     resumed, seen_resumed = fresh(), []
     resumed.load_state_dict(state)
-    final = run_training(resumed, batches(seen_resumed), lambda e: data[0][:1], Hooks(), loop, start=progress)
+    final = run_training(resumed, batches(seen_resumed), lambda e: data[0][:1], RecordingHooks(), loop, start=progress)
     assert final.step == 12
     assert seen_first[:8] + seen_resumed == seen_full
     for (name, a), b in zip(full.step.model.state_dict().items(), resumed.step.model.state_dict().values()):

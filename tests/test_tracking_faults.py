@@ -1,54 +1,40 @@
-"""MLflow faults: unreachable at start, gone mid-run and back, gone for good.
+"""MLflow faults met by the real job: unreachable at start, gone mid-run and
+back, gone for good.
 
-A real `mlflow server` (sqlite backend) is stopped by PID in the middle of a
-real training loop and restarted on the same port and store; the run's
-history must hold every step exactly once. When it never comes back, the
-unsent points go to a spill file that `resend_spilled` logs later.
+`python -m service.train` runs on the session's Ray cluster, logging through
+the real Ray Train worker (`RayHooks` + `WorkerTracker`) to the session's
+real `mlflow server`, which the test stops by PID while the job prints its
+step lines, and starts again on the same port and store. The run's history
+must then hold every logged step exactly once. When the server never comes
+back, the job still ends, says how many points it could not send, and
+writes them to a spill file that `python -m service.tracking.resend`
+delivers later.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from service.config import TrackingConfig
-from service.parallel.local import free_port
 from service.tracking.mlflow_tracker import TrackingUnreachable, check_tracking_reachable, open_run
-from service.tracking.resend import main as resend_main
-from service.tracking.worker_tracker import (
-    WORKER_HTTP_SETTINGS, WorkerTracker, file_spill, resend_spilled,
+from service.tracking.worker_tracker import WORKER_HTTP_SETTINGS, WorkerTracker, file_spill, resend_spilled
+from tests.helpers import (
+    REPO, assert_complete_history, closed_port, ray_env, run_until, the_run, train_command, wait_until,
 )
-from tests.servers import start_mlflow_server, wait_until
-from tests.tracked_training import STEP_KEYS, train_with_tracker
 
 pytestmark = pytest.mark.integration
-EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 3, 10, 5
-TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
-
-
-@pytest.fixture
-def worker_http(monkeypatch):
-    """The worker's short MLflow HTTP retries, undone after the test."""
-    for key, value in WORKER_HTTP_SETTINGS.items():
-        monkeypatch.setenv(key, value)
-
-
-def _assert_complete_history(client, run_id: str) -> None:
-    for key in STEP_KEYS:
-        steps = [m.step for m in client.get_metric_history(run_id, key)]
-        assert sorted(steps) == list(range(1, TOTAL_STEPS + 1)), f"{key}: {sorted(steps)}"
-    val_steps = sorted(m.step for m in client.get_metric_history(run_id, "val_top1_error"))
-    assert val_steps == [STEPS_PER_EPOCH * (epoch + 1) for epoch in range(EPOCHS)]
-    best = client.get_run(run_id).data.metrics
-    errors = [m.value for m in client.get_metric_history(run_id, "val_top1_error")]
-    assert best["best_val_top1_error"] == min(errors)
-    assert 1 <= best["best_epoch"] <= EPOCHS
+STEPS_PER_EPOCH = 10  # 162 tiny-dataset images at batch 16
+STEP_KEYS = ("loss", "lr", "images_per_s", "data_wait_s", "epoch")  # what the loop reports per logged step
 
 
 def test_unreachable_tracking_server_is_one_line_naming_the_uri(tmp_path):
-    port = free_port()  # nothing listens here
+    port = closed_port()
     with pytest.raises(TrackingUnreachable) as raised:
         check_tracking_reachable(f"http://alice:hunter2@127.0.0.1:{port}", timeout_s=5)
     message = str(raised.value)
@@ -59,82 +45,116 @@ def test_unreachable_tracking_server_is_one_line_naming_the_uri(tmp_path):
     check_tracking_reachable(f"sqlite:///{tmp_path}/mlruns.db")  # a folder that exists is enough
 
 
-def test_outage_mid_run_training_goes_on_and_every_point_arrives_once(tmp_path, worker_http):
-    server = start_mlflow_server(tmp_path)
-    servers = [server]
-    handle = open_run(TrackingConfig(uri=server.url, experiment="faults"), "outage", {"x": 1})
-    tracker = WorkerTracker(handle, system_metrics=False, retry_interval_s=0.5)
-    held_while_down = []
+def _command(tiny_dataset, server, tmp_path: Path, name: str, epochs: int) -> list[str]:
+    return train_command(
+        tiny_dataset, tmp_path / "ckpt", tmp_path / "hydra", f"train.epochs={epochs}", "train.batch_size=16",
+        "train.log_every_steps=1", "train.checkpoint_every_steps=2", "tracking.system_metrics=false",
+        "tracking.log_model=false", tracking_uri=server.url, experiment="outage", name=name,
+    )
 
-    def fault(checkpoint: int) -> None:
-        if checkpoint == 1:  # step 5
-            wait_until(lambda: tracker.unsent_points == 0, 60, "the first points to be sent")
-            servers[-1].stop()
-        elif checkpoint == 4:  # step 15, three checkpoints' worth of points held meanwhile
-            held_while_down.append(tracker.unsent_points)
-            tracker.log_png(b"\x89PNG not really", "figures/during_outage.png")
-            servers.append(start_mlflow_server(tmp_path, port=server.port))
 
+def _job_with_outage(tiny_dataset, server, ray_session, tmp_path: Path, name: str, epochs: int,
+                     restart: bool) -> tuple[int, list[str]]:
+    """Run the job; stop the server once step 3 is printed (and start it again at
+    once when `restart`); the job's exit code and output lines."""
+    process, lines = run_until(_command(tiny_dataset, server, tmp_path, name, epochs), ray_env(ray_session),
+                               rf"epoch 1/{epochs} step 3/")
     try:
-        progress = train_with_tracker(tracker, EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY, after_checkpoint=fault)
-        assert progress.step == TOTAL_STEPS  # training never waited for MLflow
-        assert held_while_down and held_while_down[0] > 0
-        report = tracker.close(timeout_s=120)
-        assert report.unsent_points == 0 and report.unsent_artifacts == 0 and report.discarded_points == 0
-        client = mlflow.MlflowClient(server.url)
-        _assert_complete_history(client, handle.run_id)
-        names = [a.path for a in client.list_artifacts(handle.run_id, "figures")]
-        assert names == ["figures/during_outage.png"]
+        server.stop()
+        if restart:
+            server.start()
+        lines.extend(process.stdout)
+        return process.wait(timeout=600), lines
     finally:
-        servers[-1].stop()
+        process.kill()
 
 
-def test_unsent_points_travel_in_the_checkpoint_and_the_spill_file(tmp_path, worker_http):
-    """MLflow gone from step 10 on. (a) A worker killed after the step-20
-    checkpoint: that checkpoint carries the points its sender had not
-    delivered (`unconfirmed_points` goes into progress.json) and the resumed
-    run sends them (`resend`). (b) Server gone for good: the job ends, the
-    unsent points go to a spill file that `resend_spilled` logs later. Points
-    sent twice (carried and spilled, or the command run again) never double."""
-    server = start_mlflow_server(tmp_path)
-    config = TrackingConfig(uri=server.url, experiment="faults")
-    handle = open_run(config, "gone", {"x": 1})
+def test_server_stopped_mid_run_and_restarted_every_step_arrives_once(tiny_dataset, mlflow_outage, ray_session,
+                                                                      tmp_path):
+    """20 steps, a checkpoint every 2: the server is stopped at step 3 and
+    started again at once on the same port and store (which takes this
+    machine 10-60 s, while training goes on; a job waits up to 60 s for
+    MLflow at its end): the worker says MLflow is away, then back, and
+    every step arrives exactly once."""
+    server, epochs = mlflow_outage, 2
+    returncode, lines = _job_with_outage(tiny_dataset, server, ray_session, tmp_path, "restarted", epochs, True)
+    output = "".join(lines)
+    assert returncode == 0 and "were not sent" not in output, output[-4000:]
+    away = next(i for i, line in enumerate(lines) if "is unreachable" in line and "training goes on" in line)
+    back = next(i for i, line in enumerate(lines) if "answers again" in line)
+    assert away < back, output[-4000:]
+    client = mlflow.MlflowClient(server.url)
+    run = the_run(client, "outage", "restarted")
+    assert run.info.status == "FINISHED"
+    assert_complete_history(client, run.info.run_id, STEP_KEYS, epochs * STEPS_PER_EPOCH, every=1,
+                            val_steps=[STEPS_PER_EPOCH * (epoch + 1) for epoch in range(epochs)])
+
+
+def test_server_gone_for_good_the_job_ends_spills_and_resend_delivers(tiny_dataset, mlflow_outage, ray_session,
+                                                                     tmp_path):
+    """Stopped at step 3, for good: the job still ends normally, says how many
+    points it could not send and writes them to the spill file, which
+    `python -m service.tracking.resend` delivers (twice: nothing doubles)."""
+    server = mlflow_outage
+    returncode, lines = _job_with_outage(tiny_dataset, server, ray_session, tmp_path, "gone", 1, False)
+    output = "".join(lines)
+    assert returncode == 0, output[-4000:]
+    (said,) = [line for line in lines if "metric points and" in line and "were not sent; written under" in line]
+    unsent = int(said.split("[mlflow] ")[1].split()[0])
+    (spill_file,) = (tmp_path / "ckpt" / "gone").glob("unsent_metrics-*.jsonl")
+    assert str(spill_file.parent) in said and "python -m service.tracking.resend" in said
+    records = [json.loads(line) for line in spill_file.read_text().splitlines() if '"key"' in line]
+    assert len(records) == unsent and max(r["step"] for r in records) == STEPS_PER_EPOCH
+
+    server.start()
+    command = [sys.executable, "-m", "service.tracking.resend", server.url, str(spill_file)]
+    for _ in range(2):  # safe to repeat: the second time adds nothing
+        sent = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0 and f"{unsent} points sent" in sent.stdout, sent.stderr[-2000:]
+    client = mlflow.MlflowClient(server.url)
+    assert_complete_history(client, the_run(client, "outage", "gone").info.run_id, STEP_KEYS, STEPS_PER_EPOCH,
+                            every=1, val_steps=[STEPS_PER_EPOCH])
+
+
+def test_unsent_points_travel_in_the_checkpoint_and_the_spill_file(mlflow_outage, tmp_path, monkeypatch):
+    """The tracker alone, deterministic: MLflow gone from step 10 on. (a) What the
+    step-20 checkpoint would carry (`unconfirmed_points`) is exactly steps
+    11-20, and a resumed run's `resend` delivers it, twice without doubling;
+    (b) closed with the server still away, the rest goes to the spill file,
+    which overlaps (a) and adds only what was missing."""
+    for key, value in WORKER_HTTP_SETTINGS.items():
+        monkeypatch.setenv(key, value)
+    server, total, every = mlflow_outage, 30, 5
+    config = TrackingConfig(uri=server.url, experiment="carried")
+    handle = open_run(config, "carried", {"x": 1})
     tracker = WorkerTracker(handle, system_metrics=False, retry_interval_s=0.5)
     carried: list[dict] = []
-
-    def fault(checkpoint: int) -> None:
-        if checkpoint == 2:  # step 10
-            wait_until(lambda: tracker.unsent_points == 0, 60, "the first points to be sent")
-            server.stop()
-        elif checkpoint == 4:  # step 20: what its checkpoint would carry
-            carried.extend(tracker.unconfirmed_points())
-
-    train_with_tracker(tracker, EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY, after_checkpoint=fault)
+    for step in range(1, total + 1):  # a point per key and step, flushed at each "checkpoint"
+        tracker.add({key: 1.0 / step for key in STEP_KEYS}, step)
+        if step % every == 0:
+            tracker.flush()
+            if step == 10:
+                wait_until(lambda: tracker.unsent_points == 0, 60, "the first points to be sent")
+                server.stop()
+            elif step == 20:
+                carried.extend(tracker.unconfirmed_points())
     assert sorted({p["step"] for p in carried}) == list(range(11, 21))
-    spill_folder = tmp_path / "checkpoints" / "gone"
+    spill_folder = tmp_path / "checkpoints" / "carried"
     report = tracker.close(spill=file_spill(str(spill_folder), handle.run_id), timeout_s=3)
-    assert report.spilled and report.unsent_points > 0
+    assert report.spilled and report.unsent_points == (total - 10) * len(STEP_KEYS)
     (spill_file,) = spill_folder.glob("unsent_metrics-*.jsonl")
     lines = [json.loads(line) for line in spill_file.read_text().splitlines()]
-    assert len(lines) == report.unsent_points
-    # Exactly what the server did not get: every step after the outage began.
-    assert sorted(line["step"] for line in lines if line.get("key") == "loss") == list(range(11, TOTAL_STEPS + 1))
+    assert sorted(line["step"] for line in lines if line["key"] == "loss") == list(range(11, total + 1))
 
-    server = start_mlflow_server(tmp_path, port=server.port)
-    try:
-        client = mlflow.MlflowClient(server.url)
-        resumed = open_run(config, "gone", {"x": 1})
-        assert resumed.run_id == handle.run_id and resumed.resumed
-        # (a) as a run resumed from the step-20 checkpoint would, twice over
-        for _ in range(2):
-            tracker = WorkerTracker(resumed, system_metrics=False, retry_interval_s=0.5)
-            assert tracker.resend(carried) == len(carried)
-            assert tracker.close(timeout_s=60).unsent_points == 0
-        for key in STEP_KEYS:
-            assert sorted(m.step for m in client.get_metric_history(handle.run_id, key)) == list(range(1, 21)), key
-        # (b) the spill file, then again through the command: adds only what was missing
-        assert resend_spilled(server.url, spill_file.read_bytes()) == report.unsent_points
-        resend_main([server.url, str(spill_file)])
-        _assert_complete_history(client, handle.run_id)
-    finally:
-        server.stop()
+    server.start()
+    client = mlflow.MlflowClient(server.url)
+    resumed = open_run(config, "carried", {"x": 1})
+    assert resumed.run_id == handle.run_id and resumed.resumed
+    for _ in range(2):  # (a) as a run resumed from the step-20 checkpoint would, twice over
+        tracker = WorkerTracker(resumed, system_metrics=False, retry_interval_s=0.5)
+        assert tracker.resend(carried) == len(carried)
+        assert tracker.close(timeout_s=60).unsent_points == 0
+    assert_complete_history(client, handle.run_id, STEP_KEYS, 20, every=1)
+    # (b) the spill file: adds only steps 21-30
+    assert resend_spilled(server.url, spill_file.read_bytes()) == report.unsent_points
+    assert_complete_history(client, handle.run_id, STEP_KEYS, total, every=1)

@@ -7,12 +7,12 @@ import torch
 
 from service.model import ReferenceAlexNet, alexnet_spec
 from service.parallel.layout import ParallelLayout
-from service.parallel.local import run_on_processes
 from service.train import checkpoint as ckpt
 from service.train.build import TowerTraining, build_optimizer, build_tower, rank_groups
 from service.train.loop import LoopOptions, Progress, run_training
 from service.train.schedule import LRSchedule
 from service.train.step import Normalizer, TowerStep
+from tests.loop_support import RecordingHooks, synthetic_batches
 
 
 def test_warmup_then_step_schedule():
@@ -44,34 +44,6 @@ def test_plateau_divides_by_ten_at_most_max_drops_times_and_survives_restore():
     assert not math.isinf(restored.state.best_error)
 
 
-class RecordingHooks:
-    def __init__(self):
-        self.steps, self.epochs, self.checkpoints = [], [], []
-
-    def on_step(self, progress, metrics):
-        self.steps.append((progress.step, metrics["loss"]))
-
-    def on_epoch_end(self, progress, metrics, conv1_weight):
-        self.epochs.append((progress.epoch, metrics, conv1_weight.shape))
-
-    def save_checkpoint(self, progress, tower_state, metrics):
-        self.checkpoints.append((Progress(**vars(progress)), tower_state))
-
-
-def _learnable_batches(num_classes=4, count=8, batch=16, size=64, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(count):
-        labels = torch.randint(0, num_classes, (batch,), generator=generator)
-        image = torch.randint(0, 40, (batch, size, size, 3), generator=generator, dtype=torch.uint8)
-        for index, label in enumerate(labels.tolist()):
-            image[index, :, :, label % 3] += 180
-            if label == 3:
-                image[index, : size // 2] = 255
-        batches.append({"image": image, "label": labels, "lighting": torch.zeros(batch, 3)})
-    return batches
-
-
 def test_loop_trains_without_ray_and_checkpoints_round_trip(tmp_path):
     spec = alexnet_spec(num_classes=4, image_size=64, towers=1, width_mult=0.25, init="kaiming", dropout=0.0)
     layout = ParallelLayout(1, 1)
@@ -84,7 +56,7 @@ def test_loop_trains_without_ray_and_checkpoints_round_trip(tmp_path):
         Normalizer([100, 100, 100], [60, 60, 60], torch.device("cpu"), channels_last=False),
         groups,
     )
-    data = _learnable_batches()
+    data = synthetic_batches(8, batch=16, num_classes=4, learnable=True)
     hooks = RecordingHooks()
     final = run_training(training, lambda epoch, done: data[done:], lambda epoch: data[:2], hooks,
                          LoopOptions(epochs=6, steps_per_epoch=8, log_every_steps=4))
@@ -116,7 +88,7 @@ def test_max_steps_stops_and_checkpoints_mid_epoch():
         groups,
     )
     hooks = RecordingHooks()
-    data = _learnable_batches()
+    data = synthetic_batches(8, batch=16, num_classes=4, learnable=True)
     final = run_training(training, lambda e, done: data[done:], lambda e: data, hooks,
                          LoopOptions(epochs=3, steps_per_epoch=8, max_steps=5), start=Progress(0, 0))
     assert (final.epoch, final.step) == (0, 5)

@@ -1,8 +1,6 @@
-"""Fixtures of the data-layer tests: a local Ray and cached synthetic datasets."""
+"""Fixtures of the data-layer tests: the session's Ray cluster and cached synthetic datasets."""
 
 from __future__ import annotations
-
-import secrets
 
 import pytest
 
@@ -10,29 +8,9 @@ from service.data.synthetic import SynthConfig, generate
 
 
 @pytest.fixture(scope="session")
-def ray_local(request, tmp_path_factory):
-    """One Ray per test session: the shared `ray_session` cluster when tests/conftest.py
-    defines it, else a local Ray (2 CPUs, token auth on, no telemetry, nothing in ~/.ray)."""
-    import ray
-
-    try:
-        yield request.getfixturevalue("ray_session")
-        return
-    except pytest.FixtureLookupError:
-        pass
-
-    token = tmp_path_factory.mktemp("ray_auth") / "token"
-    token.write_text(secrets.token_hex(32))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        mp.setenv("RAY_AUTH_MODE", "token")
-        mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-        started = not ray.is_initialized()
-        if started:
-            ray.init(num_cpus=2, include_dashboard=False)
-        yield ray
-        if started:
-            ray.shutdown()
+def ray_local(ray_session):
+    """The session's Ray cluster (tests/conftest.py), under the name the data tests use."""
+    return ray_session
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -26,8 +27,6 @@ from deploy_support import (
     pod_specs,
     ray_cluster_spec,
 )
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 REQUIRED_CI_CASES = {"1x2-rayjob-values", "1x8-one-node-values", "4x2-one-node-values",
                      "2x8-two-nodes-rdma-values", "raycluster-values", "bundled-postgres-minio-values"}
@@ -179,7 +178,8 @@ def test_entrypoint_carries_the_overrides(case):
 
 def test_entrypoint_composes_with_the_service_config(case):
     """The overrides the chart builds are accepted by the real Hydra config of service/."""
-    hydra_app = pytest.importorskip("service.hydra_app", reason="service/ is not importable")
+    from service import hydra_app
+
     values = chart_values(case)
     config = hydra_app.compose([f"{key}={value}" for key, value in entrypoint_overrides(case).items()])
     training = values["training"]

@@ -21,6 +21,9 @@ SCANNED = ("service", "tests", "bench")
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 # Installed first and pinned per build (CPU, cu126, cu130) by the Makefile and the Dockerfiles.
 NOT_LOCKED = {"torch", "torchvision"}
+# Locked distributions `make install` (extra `test`) does not install: the `gpu` extra's NVML
+# binding and nvJPEG runtime, and what only the `tracking-server` extra's mlflow[auth] pulls in.
+LOCKED_NOT_INSTALLED = ("nvidia-ml-py", "nvidia-nvjpeg-cu12", "flask-wtf", "wtforms")
 # Import names of declared distributions that may not be installed here (the `gpu` extra).
 NOT_INSTALLED_HERE = {"pynvml": "nvidia-ml-py"}
 
@@ -103,15 +106,18 @@ def test_the_lock_pins_every_declared_dependency_within_its_bounds():
 
 def test_this_environment_is_the_locked_one():
     """What the suite runs against is what constraints.txt says (no drift after `make lock`)."""
-    drift = {}
+    drift, missing = {}, []
     for name, (version, _) in _locked().items():
         try:
             installed = metadata.version(name)
         except metadata.PackageNotFoundError:
-            continue  # an extra this environment does not install (gpu, tracking-server)
+            missing.append(name)
+            continue
         if installed != version:
             drift[name] = (installed, version)
     assert not drift, f"installed != locked (run `make install`): {drift}"
+    assert sorted(missing) == sorted(LOCKED_NOT_INSTALLED), \
+        f"locked but not installed (run `make install`): {sorted(set(missing) - set(LOCKED_NOT_INSTALLED))}"
 
 
 def test_torch_versions_are_the_tested_ones():
@@ -137,6 +143,9 @@ def test_every_project_install_uses_the_lock(path):
 
 def test_ci_installs_through_make_and_brings_postgres():
     script = (REPO / ".ci" / "run").read_text()
-    assert re.search(r"^make test\b", script, re.M), ".ci/run must run the README's `make test`"
+    targets = re.search(r"^for target in ([\w -]+); do$", script, re.M)
+    assert targets and targets.group(1).split() == ["test", "test-slow"], \
+        ".ci/run must run the README's `make test`, then the slow tests"
+    assert 'make "$target"' in script and re.search(r"^export CI=true$", script, re.M)
     assert "apt-get install" in script and "postgresql" in script
     assert "RAY_USAGE_STATS_ENABLED=0" in script and "MLFLOW_DISABLE_TELEMETRY=true" in script

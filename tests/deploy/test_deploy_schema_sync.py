@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from deploy_support import CHART
+from service import config
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINING = json.loads((CHART / "values.schema.json").read_text())["properties"]["training"]["properties"]
-config = pytest.importorskip("service.config", reason="service/ is not importable")
 
 
 def _groups(name: str) -> list[str]:

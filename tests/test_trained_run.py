@@ -1,0 +1,60 @@
+"""What one real training run leaves behind (the session's `trained_run`:
+`python -m service.train experiment=smoke` for 1 epoch, then the same
+command with train.epochs=2, checkpoints on S3): the resume from S3
+checkpoints, the kept checkpoints, the run's record in MLflow (every logged
+step once, conv1 and learning-curve figures, per-node system metrics), the
+registered versions and their `best` alias. (Evaluating and serving its
+models: tests/test_evaluate.py, tests/test_serving.py.)
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlflow
+import pytest
+
+from tests.conftest import checkpoint_progress
+from tests.helpers import assert_complete_history
+
+pytestmark = pytest.mark.integration
+STEPS_PER_EPOCH, LOG_EVERY, KEEP_CHECKPOINTS = 5, 2, 2  # 162 images at batch 32; smoke's logging; the default
+
+
+def test_checkpoints_on_s3_and_the_resume_from_them(trained_run, s3_server):
+    first, second = trained_run.outputs
+    assert "resuming from step" not in first
+    assert re.search(rf"resuming from step {STEPS_PER_EPOCH}\b", second), second[-3000:]
+    assert f"resumed from epoch 1 step {STEPS_PER_EPOCH} ({trained_run.run_folder.removeprefix('s3://')}" in second
+    # train.keep_checkpoints of them are kept in the bucket, ranked by validation error; the last is among them.
+    assert len(trained_run.checkpoints) == KEEP_CHECKPOINTS, trained_run.checkpoints
+    steps = sorted(checkpoint_progress(uri, s3_server)["step"] for uri in trained_run.checkpoints)
+    assert steps == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+
+
+def test_the_run_records_every_step_once_figures_and_node_system_metrics(trained_run):
+    client = mlflow.MlflowClient(trained_run.tracking_uri)
+    run = client.get_run(trained_run.run_id)
+    assert run.info.status == "FINISHED"
+    assert_complete_history(client, trained_run.run_id, ["loss", "lr"], 2 * STEPS_PER_EPOCH, every=LOG_EVERY,
+                            val_steps=[STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH])
+    figures = {a.path for a in client.list_artifacts(trained_run.run_id, "figures")}
+    assert figures == {"figures/conv1_epoch001.png", "figures/conv1_epoch002.png", "figures/learning_curves.png"}
+    system = [key for key in run.data.metrics if key.startswith("system/")]
+    assert system and all(re.match(r"system/node\d+/", key) for key in system), system
+    assert any(key.startswith("system/node0/cpu_utilization") for key in system), system
+
+
+def test_registered_versions_and_the_best_alias(trained_run):
+    client = mlflow.MlflowClient(trained_run.tracking_uri)
+    versions = client.search_model_versions(f"name='{trained_run.model_name}'")
+    assert sorted(v.version for v in versions) == ["1", "2"]  # the best of each part of the run
+    assert {v.run_id for v in versions} == {trained_run.run_id}
+    errors = {int(v.version): float(v.tags["val_top1_error"]) for v in versions}  # the tag: 6 decimals
+    logged = {m.step: m.value for m in client.get_metric_history(trained_run.run_id, "val_top1_error")}
+    # Part one registers its only checkpoint (epoch 1); part two the best of those kept (epochs 1 and 2).
+    assert errors[1] == pytest.approx(logged[STEPS_PER_EPOCH], abs=1e-6)
+    assert errors[2] == pytest.approx(min(logged.values()), abs=1e-6)
+    best = client.get_model_version_by_alias(trained_run.model_name, "best")
+    lowest = min(errors.values())  # a tie goes to the newer version
+    assert int(best.version) == max(v for v, error in errors.items() if error == lowest), errors
