@@ -73,6 +73,11 @@ MODE_PEAK = {"fp32": "fp32", "bf16+cl": "bf16", "bf16+cl+compile": "bf16"}
 EAGER_ROW_S, COMPILE_ROW_S = 15.0, 100.0
 
 
+# The dry run's network: the same code paths on a network small enough for a CPU
+# (the paper network's 62M parameters alone make a CPU step take seconds).
+DRY_SHAPE = Shape(image_size=64, num_classes=100, width_mult=0.25)
+
+
 def device_peaks(name: str) -> tuple[dict | None, str]:
     """Peak TFLOP/s for a device name and which datasheet entry was used."""
     for key, peaks in PEAKS:
@@ -258,9 +263,7 @@ def main() -> None:
         device = torch.device("cpu")
         args.steps, args.warmup, args.decode_seconds = 2, 1, 0.5
         batches, compile_batches, compile_on = [4], [4], args.compile
-        # The same code paths on a network small enough for a CPU: the paper
-        # network's 62M parameters alone make a CPU step take seconds.
-        args.shape = Shape(image_size=64, num_classes=100, width_mult=0.25)
+        args.shape = DRY_SHAPE
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: this benchmark needs a GPU (use --dry-run to check the script on CPU)")

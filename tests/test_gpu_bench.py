@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_bench import device_peaks, plan_rows
+from bench.gpu_bench import DRY_SHAPE, device_peaks, plan_rows
 from bench.one_rank_check import CHECKS
-from bench.step_rate import MODELS, TOWER_MODELS
+from bench.step_rate import MODELS, TOWER_MODELS, row_flops_per_image
 
 ROOT = Path(__file__).resolve().parent.parent
 # Not on the GPU machines (Python 3.12, torch, numpy, Pillow, pyarrow, torchvision only).
-ABSENT = ("ray", "mlflow", "hydra", "omegaconf", "yaml", "boto3", "botocore", "psutil", "scipy")
+ABSENT = ("ray", "mlflow", "hydra", "omegaconf", "yaml", "boto3", "botocore", "psutil", "scipy", "simplejpeg",
+          "nvidia")
 
 _RUN_WITHOUT = """
 import runpy, sys
@@ -69,15 +70,29 @@ def test_dry_run_needs_only_torch_numpy_pillow(tmp_path):
         for mode in ("fp32", "bf16+cl"):
             row = steps[(model, mode)]
             assert "error" not in row, row.get("traceback")
-            assert row["images_per_s"] > 0 and row["train_gflop_per_image"] > 0
+            _consistent_step_row(row)
     for model in TOWER_MODELS:
-        assert steps[(model, "bf16+cl")]["images_per_s"] > 0
+        _consistent_step_row(steps[(model, "bf16+cl")])
     decode = record["decode"]["result"]
     # service.data's transform code imported without Ray: the measured code is the service's.
     assert decode["transform_code"] == "service.data.transforms"
     assert decode["per_core_images_per_s"] > 0 and [r["processes"] for r in decode["scaling"]] == [1, 2]
-    assert record["copy"]["result"][0]["gb_per_s"] > 0
+    for row in record["copy"]["result"]:  # rates follow from the timed ms (the dry run copies batches of 8)
+        assert row["batches_per_s"] == pytest.approx(1000 / row["ms_per_batch"], rel=1e-6)
+        assert row["gb_per_s"] == pytest.approx(8 * 224 * 224 * 3 / (row["ms_per_batch"] / 1000) / 1e9, rel=1e-6)
+    # Device decode: nvImageCodec is absent, as on the GPU machine: a row that says so, not a crash.
+    device_decode = record["device_decode"]["result"]["rows"]
+    assert any(row["library"] == "nvImageCodec" and "nvidia is not installed" in row.get("skipped", "")
+               for row in device_decode), device_decode
     # The one-rank collective check on gloo: every named check ran and passed.
     check = record["one_rank"]["result"]
     assert check["backend"] == "gloo" and check["passed"], check
     assert [row["name"] for row in check["checks"]] == [name for name, _ in CHECKS]
+
+
+def _consistent_step_row(row: dict) -> None:
+    """A step row's rates follow from its timed step and the model's FLOPs."""
+    assert row["step_ms"] > 0
+    assert row["images_per_s"] == pytest.approx(row["batch"] / (row["step_ms"] / 1000), rel=1e-6)
+    assert row["train_gflop_per_image"] == pytest.approx(row_flops_per_image(row["model"], DRY_SHAPE) / 1e9)
+    assert row["achieved_tflops"] == pytest.approx(row["train_gflop_per_image"] * row["images_per_s"] / 1e3)
