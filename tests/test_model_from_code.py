@@ -18,13 +18,15 @@ def logged(trained_run, tmp_path_factory):
 
     from service.tracking import pyfunc
 
-    mlflow.set_tracking_uri(trained_run.tracking_uri)
+    mlflow.set_tracking_uri(trained_run.tracking_uri)  # the session's one server, as test_serving does
     new_uri = f"runs:/{trained_run.run_id}/model"
     folder = tmp_path_factory.mktemp("from-code")
     local = mlflow.artifacts.download_artifacts(new_uri, dst_path=str(folder / "download"))
-    # What the previous version did: the pyfunc object, pickled by CloudPickle.
-    mlflow.set_experiment("model-from-code")
-    with mlflow.start_run(log_system_metrics=False) as run:
+    # What the previous version did: the pyfunc object, pickled by CloudPickle. In an
+    # experiment of its own, without making it the process's active one (later tests
+    # start runs in theirs).
+    experiment = mlflow.MlflowClient(trained_run.tracking_uri).create_experiment("model-from-code")
+    with mlflow.start_run(experiment_id=experiment, log_system_metrics=False) as run:
         mlflow.pyfunc.log_model(name="pickled", python_model=pyfunc.AlexNetPyfunc(),
                                 artifacts={pyfunc.MODEL_FILES: str(Path(local) / "artifacts" / pyfunc.MODEL_FILES)},
                                 signature=pyfunc.signature(), input_example=pyfunc.input_example(),
