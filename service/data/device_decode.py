@@ -32,7 +32,6 @@ import sys
 import warnings
 from collections import deque
 from contextlib import contextmanager
-from typing import Optional
 
 import numpy as np
 import torch
@@ -204,10 +203,3 @@ def eval_crops(square: torch.Tensor, size: int, crops: int, mirrored: bool) -> t
         return square[top:top + size, left:left + size]
     cut = torch.stack([square[t:t + size, x:x + size] for t, x in transforms.ten_crop_positions(side, side, size)])
     return torch.cat([cut, cut.flip(2)]) if mirrored else cut
-
-
-def decoder_name(device: Optional[torch.device]) -> str:
-    """What decodes in device mode on `device` (for logs and benchmark records)."""
-    if device is not None and device.type == "cuda":
-        return "nvImageCodec (hardware engine, then CUDA nvJPEG)"
-    return "nvImageCodec CPU backend (libjpeg-turbo)"
