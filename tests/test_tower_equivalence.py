@@ -4,7 +4,6 @@ steps), for towers 1/2/4 and replicas 1/2, on gloo with real processes."""
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
 
 from service.model import ReferenceAlexNet, alexnet_spec

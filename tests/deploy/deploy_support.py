@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import shlex
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jsonschema
 import pytest
