@@ -199,6 +199,10 @@ class TrackingConfig:
     # -- Log CPU/GPU/memory system metrics.
     system_metrics: bool = True
     enabled: bool = True
+    # -- Seconds the job waits at its end for an unreachable MLflow (workers
+    #    sending their last metrics, the driver logging curves and the model)
+    #    before it writes what is unsent next to the checkpoints and finishes.
+    close_timeout_s: float = 60.0
 
 
 @dataclass
@@ -298,6 +302,7 @@ def validate_config(cfg: Config) -> None:
             f"e.g. {fits or lanes}"
         )
     _positive("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker)
+    _positive("tracking.close_timeout_s", cfg.tracking.close_timeout_s, allow_zero=True)
     _choice("run.resume", cfg.run.resume, RESUME_MODES)
     if not cfg.storage.path:
         raise ConfigError("storage.path is empty; give a local folder or an s3:// URI")

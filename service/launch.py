@@ -158,6 +158,7 @@ def train(cfg: Config, parent=None) -> dict:
         storage_filesystem=filesystem,
         mlflow=handle,
         system_metrics=cfg.tracking.system_metrics,
+        tracking_close_timeout_s=cfg.tracking.close_timeout_s,
         last_logged_step=last_logged,
         crash_in_checkpoint_at_step=int(os.environ.get(CRASH_ENV, "-1")),
     )
@@ -211,9 +212,9 @@ def _finish_tracking(cfg: Config, handle, best, meta, data_cfg) -> dict:
     from service.tracking.registry import log_trained_model
 
     out = {"mlflow_run_id": handle.run_id, "ui": handle.ui_hint()}
-    # Quick requests for up to 60 s (as long as the workers wait for MLflow at their end):
-    # MLflow's own retries would hold a finished job for minutes, then fail it.
-    deadline = time.monotonic() + 60
+    # Quick requests for up to tracking.close_timeout_s (as long as the workers wait for
+    # MLflow at their end): MLflow's own retries would hold a finished job for minutes, then fail it.
+    deadline = time.monotonic() + cfg.tracking.close_timeout_s
     while True:
         try:
             mlflow_tracker.check_tracking_reachable(handle.tracking_uri)

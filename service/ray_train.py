@@ -78,6 +78,8 @@ class WorkerPayload:
     # -- service.tracking RunHandle of the MLflow run, rank 0 logs to it.
     mlflow: Any = None
     system_metrics: bool = True
+    # -- Seconds rank 0 waits for MLflow at the end (tracking.close_timeout_s).
+    tracking_close_timeout_s: float = 60.0
     # -- Metrics at steps <= this were already sent to MLflow; never resend.
     last_logged_step: int = -1
     # -- Where this run's checkpoints go (metrics MLflow never took are spilled there).
@@ -365,7 +367,8 @@ def _stop_tracking(payload: WorkerPayload, tracker, stop_system) -> None:
     if tracker:
         from service.tracking.worker_tracker import file_spill
 
-        report = tracker.close(spill=file_spill(payload.run_folder, payload.mlflow.run_id, payload.storage_filesystem))
+        report = tracker.close(spill=file_spill(payload.run_folder, payload.mlflow.run_id, payload.storage_filesystem),
+                               timeout_s=payload.tracking_close_timeout_s)
         if report.unsent_points or report.unsent_artifacts:
             say(f"[mlflow] {report.unsent_points} metric points and {report.unsent_artifacts} figures were not sent; "
                 f"written under {payload.run_folder} (python -m service.tracking.resend)")

@@ -20,7 +20,7 @@ from service.hydra_app import compose
 from service.launch import train
 from service.tracking.mlflow_tracker import PARENT_TAG, SWEEP_TAG
 from tests.conftest import TINY_VAL_IMAGES
-from tests.helpers import assert_complete_history, wait_until
+from tests.helpers import TINY_DATA_READ, assert_complete_history, wait_until
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +36,7 @@ def _overrides(tiny_dataset, mlflow_server, ray_head, storage: Path, experiment:
         f"storage.path={storage}",
         f"cluster.address={ray_head.address}",
         f"run.name={name}",
+        *TINY_DATA_READ,
     ]
 
 

@@ -45,19 +45,19 @@ def test_unreachable_tracking_server_is_one_line_naming_the_uri(tmp_path):
     check_tracking_reachable(f"sqlite:///{tmp_path}/mlruns.db")  # a folder that exists is enough
 
 
-def _command(tiny_dataset, server, tmp_path: Path, name: str, epochs: int) -> list[str]:
+def _command(tiny_dataset, server, tmp_path: Path, name: str, epochs: int, *extra: str) -> list[str]:
     return train_command(
         tiny_dataset, tmp_path / "ckpt", tmp_path / "hydra", f"train.epochs={epochs}", "train.batch_size=16",
         "train.log_every_steps=1", "train.checkpoint_every_steps=2", "tracking.system_metrics=false",
-        "tracking.log_model=false", tracking_uri=server.url, experiment="outage", name=name,
+        "tracking.log_model=false", *extra, tracking_uri=server.url, experiment="outage", name=name,
     )
 
 
 def _job_with_outage(tiny_dataset, server, ray_session, tmp_path: Path, name: str, epochs: int,
-                     restart: bool) -> tuple[int, list[str]]:
+                     restart: bool, *extra: str) -> tuple[int, list[str]]:
     """Run the job; stop the server once step 3 is printed (and start it again at
     once when `restart`); the job's exit code and output lines."""
-    process, lines = run_until(_command(tiny_dataset, server, tmp_path, name, epochs), ray_env(ray_session),
+    process, lines = run_until(_command(tiny_dataset, server, tmp_path, name, epochs, *extra), ray_env(ray_session),
                                rf"epoch 1/{epochs} step 3/")
     try:
         server.stop()
@@ -92,11 +92,13 @@ def test_server_stopped_mid_run_and_restarted_every_step_arrives_once(tiny_datas
 
 def test_server_gone_for_good_the_job_ends_spills_and_resend_delivers(tiny_dataset, mlflow_outage, ray_session,
                                                                      tmp_path):
-    """Stopped at step 3, for good: the job still ends normally, says how many
-    points it could not send and writes them to the spill file, which
+    """Stopped at step 3, for good: the job still ends normally once its
+    end-of-job wait (`tracking.close_timeout_s`, here 3 s) is over, says how
+    many points it could not send and writes them to the spill file, which
     `python -m service.tracking.resend` delivers (twice: nothing doubles)."""
     server = mlflow_outage
-    returncode, lines = _job_with_outage(tiny_dataset, server, ray_session, tmp_path, "gone", 1, False)
+    returncode, lines = _job_with_outage(tiny_dataset, server, ray_session, tmp_path, "gone", 1, False,
+                                         "tracking.close_timeout_s=3")
     output = "".join(lines)
     assert returncode == 0, output[-4000:]
     (said,) = [line for line in lines if "metric points and" in line and "were not sent; written under" in line]
