@@ -1,7 +1,7 @@
 """The training service against real parts: a `ray start --head` cluster, a
 real `mlflow server` over HTTP, generated ImageNet-format data ingested into
-shards. Multirun sweeps, `ray job submit` and 2 replicas x 2 towers end to
-end (resume, secrets and faults: tests/test_faults.py)."""
+shards. Multirun sweeps, and `ray job submit` of 2 replicas x 2 towers end
+to end (resume, secrets and faults: tests/test_faults.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import pytest
 from service.evaluate import evaluate
 from service.evaluation.config import EvaluateConfig, validate_evaluate_config
 from service.hydra_app import compose
-from service.launch import train
 from service.tracking.mlflow_tracker import PARENT_TAG, SWEEP_TAG
 from tests.conftest import TINY_VAL_IMAGES
 from tests.helpers import TINY_DATA_READ, assert_complete_history, wait_until
@@ -76,13 +75,17 @@ def _job_agent_registered() -> bool:
     return bool(_internal_kv_list("DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX:", namespace="dashboard"))
 
 
-def test_ray_job_submit_end_to_end(tiny_dataset, mlflow_server, ray_session, tmp_path):
-    """`ray job submit --working-dir .` with token auth, as the README shows."""
+def test_ray_job_submit_end_to_end_two_replicas_ten_crop(tiny_dataset, mlflow_server, ray_session, tmp_path):
+    """`ray job submit --working-dir .` with token auth, as the README shows, of a
+    2 replicas x 2 towers job (4 workers) with 10-crop validation: data split by
+    replica, every val image counted exactly once, and the 4 workers' 10-crop
+    validation equal to the single-process evaluator's on the same weights."""
     ray_head = ray_session
     wait_until(_job_agent_registered, 120, "the head's job agent")
     env = {**os.environ, **ray_head.env}
     overrides = _overrides(tiny_dataset, mlflow_server, ray_head, tmp_path / "ckpt", "jobs", "job-smoke")
     overrides = [o for o in overrides if not o.startswith("cluster.address")]
+    overrides += ["parallel.replicas=2", "data.eval_crops=10"]
     command = [
         str(Path(sys.executable).parent / "ray"), "job", "submit",
         "--address", ray_head.dashboard_url,
@@ -98,34 +101,20 @@ def test_ray_job_submit_end_to_end(tiny_dataset, mlflow_server, ray_session, tmp
     (run,) = _runs(client, "jobs")
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "alexnet_small"
-    assert run.data.params["parallel.towers"] == "2"
-    # smoke: 5 steps of 32 images, loss logged every 2nd step, validation at the epoch's end.
+    assert (run.data.params["parallel.towers"], run.data.params["parallel.replicas"]) == ("2", "2")
+    # smoke: 5 steps of 32 images (16 a replica), loss logged every 2nd step, validation at the epoch's end.
     assert_complete_history(client, run.info.run_id, ["loss"], 5, every=2, val_steps=[5])
-    assert "val_top1_error" in run.data.metrics
+    assert run.data.metrics["val_images"] == TINY_VAL_IMAGES  # every val image once over both replicas
     (version,) = client.search_model_versions("name='jobs-model'")
     assert version.run_id == run.info.run_id
-    progress = next((tmp_path / "ckpt").rglob("progress.json"))
-    assert json.loads(progress.read_text())["mlflow_run_id"] == run.info.run_id
-
-
-def test_two_replicas_two_towers_with_ten_crop_eval(tiny_dataset, mlflow_server, ray_session, tmp_path):
-    """4 workers: data split by replica, every val image counted exactly once."""
-    base = _overrides(tiny_dataset, mlflow_server, ray_session, tmp_path / "ckpt", "replicas", "r2x2")
-    summary = train(
-        compose(base + ["parallel.replicas=2", "train.batch_size=32", "data.eval_crops=10", "tracking.log_model=false"])
-    )
-    assert summary["val_images"] == TINY_VAL_IMAGES  # every val image once over both replicas
-    checkpoint = Path(summary["checkpoint"])
-    # Exact counting: the 4 workers' 10-crop validation equals the single-process evaluator's on the same weights.
+    run_folder = tmp_path / "ckpt" / "job-smoke"
+    checkpoint = max(p for p in run_folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    assert json.loads((checkpoint / "progress.json").read_text())["mlflow_run_id"] == run.info.run_id
+    # Replica 0's towers write the shards; replica 1 holds identical weights.
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["progress.json", "tower_0.pt", "tower_1.pt"]
+    # Exact counting: the 4 workers' 10-crop validation of the last checkpoint equals the evaluator's.
     evaluated = evaluate(compose([f"model_uri={checkpoint}", f"data.root={tiny_dataset}", "eval.crops=10",
                                   "eval.actors=1", "tracking.enabled=false"], "evaluate", EvaluateConfig,
                                  validate_evaluate_config))
     assert (evaluated["top1_error"], evaluated["top5_error"]) == pytest.approx(
-        (summary["val_top1_error"], summary["val_top5_error"]), abs=1e-12)
-    assert checkpoint.parent == tmp_path / "ckpt" / "r2x2"
-    # Replica 0's towers write the shards; replica 1 holds identical weights.
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["progress.json", "tower_0.pt", "tower_1.pt"]
-    client = mlflow.MlflowClient(mlflow_server.url)
-    (run,) = _runs(client, "replicas")
-    assert run.data.params["parallel.replicas"] == "2"
-    assert run.data.metrics["val_top1_error"] == summary["val_top1_error"]
+        (run.data.metrics["val_top1_error"], run.data.metrics["val_top5_error"]), abs=1e-12)
