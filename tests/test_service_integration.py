@@ -5,18 +5,19 @@ to end (resume, secrets and faults: tests/test_faults.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
+import pyarrow.fs as pafs
 import pytest
 
 from service.evaluate import evaluate
 from service.evaluation.config import EvaluateConfig, validate_evaluate_config
 from service.hydra_app import compose
+from service.resume import find_resume_point
 from service.tracking.mlflow_tracker import PARENT_TAG, SWEEP_TAG
 from tests.conftest import TINY_VAL_IMAGES
 from tests.helpers import TINY_DATA_READ, assert_complete_history, wait_until
@@ -107,9 +108,10 @@ def test_ray_job_submit_end_to_end_two_replicas_ten_crop(tiny_dataset, mlflow_se
     assert run.data.metrics["val_images"] == TINY_VAL_IMAGES  # every val image once over both replicas
     (version,) = client.search_model_versions("name='jobs-model'")
     assert version.run_id == run.info.run_id
-    run_folder = tmp_path / "ckpt" / "job-smoke"
-    checkpoint = max(p for p in run_folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
-    assert json.loads((checkpoint / "progress.json").read_text())["mlflow_run_id"] == run.info.run_id
+    # The run's newest complete checkpoint, found as a resume would find it.
+    newest = find_resume_point(pafs.LocalFileSystem(), str(tmp_path / "ckpt" / "job-smoke"))
+    checkpoint = Path(newest.path)
+    assert newest.progress["mlflow_run_id"] == run.info.run_id
     # Replica 0's towers write the shards; replica 1 holds identical weights.
     assert sorted(p.name for p in checkpoint.iterdir()) == ["progress.json", "tower_0.pt", "tower_1.pt"]
     # Exact counting: the 4 workers' 10-crop validation of the last checkpoint equals the evaluator's.
