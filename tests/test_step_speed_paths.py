@@ -61,6 +61,10 @@ def _train(training, batches, steps):
     return float(loss)
 
 
+# Inductor generates and compiles C++ for the whole step: 20-40 s cold on 2 cores, so in
+# `make test-slow` (CI runs it); the compile path's graph count and forward are in
+# test_gpu_path_review.py's test_one_tower_compiles_in_four_graphs_with_the_eager_loss.
+@pytest.mark.slow
 def test_compiled_tower_trains_like_the_eager_one():
     batches = synthetic_batches(3)
     eager = build_training(options(dropout=0.0), rank_groups(ParallelLayout(1, 1)), torch.device("cpu"))
