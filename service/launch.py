@@ -24,8 +24,6 @@ from service import hydra_app
 from service.config import Config, ConfigError, decode_mode, to_dict, validate_config
 from service.parallel.layout import ParallelLayout
 from service.tracking.redact import redact
-from service.train.build import spec_for, training_options
-from service.train.loop import LoopOptions
 
 log = logging.getLogger("service.train")
 CRASH_ENV = "ALEXNET_TEST_CRASH_IN_CHECKPOINT"
@@ -40,6 +38,8 @@ def run_name(cfg: Config) -> str:
 def check_layout(cfg: Config, num_classes: int):
     """Every layout/model error surfaces here, before any worker starts."""
     layout = ParallelLayout(cfg.parallel.replicas, cfg.parallel.towers)
+    from service.train.build import spec_for
+
     spec = spec_for(cfg.model, cfg.parallel.towers, num_classes)
     layout.validate_model(spec)
     layout.validate_batch(cfg.train.batch_size)
@@ -83,8 +83,7 @@ def _classes_digest(wnids: list[str]) -> str:
 
 def train(cfg: Config, parent=None) -> dict:
     """Run one training job; returns a summary dict."""
-    from service import ray_cluster, ray_train
-    from service.resume import check_resume, find_resume_point
+    from service import ray_cluster
 
     from service.data import storage
     from service.data.checks import check_data_root
@@ -103,6 +102,8 @@ def train(cfg: Config, parent=None) -> dict:
         from service.tracking import mlflow_tracker
 
         mlflow_tracker.check_tracking_reachable(cfg.tracking.uri)
+    from service.resume import check_resume, find_resume_point  # torch (checkpoint format): after the checks
+
     storage_path, filesystem = storage_location(cfg)
     point = find_resume_point(filesystem or pafs.LocalFileSystem(), f"{storage_path}/{name}")
     ray_cluster.connect(cfg.cluster.address, ray_cluster.training_job_cpus(cfg))
@@ -135,6 +136,10 @@ def train(cfg: Config, parent=None) -> dict:
             logged = mlflow_tracker.metric_history(handle, ["loss", "val_top1_error"])
             last_logged = max((step for points in logged.values() for step, _ in points), default=-1)
         print(f"[mlflow] {'resumed' if handle.resumed else 'started'} run {handle.run_id} ({name})", flush=True)
+    from service import ray_train  # torch and Ray Train: imported once the checks above have passed
+    from service.train.build import training_options
+    from service.train.loop import LoopOptions
+
     payload = ray_train.WorkerPayload(
         run_name=name,
         training=training_options(cfg, spec, meta.mean, meta.std, steps_per_epoch),

@@ -3,7 +3,6 @@
 Nothing here imports Ray, MLflow, Hydra or `torch.distributed`.
 """
 
-from service.model.reference import ReferenceAlexNet
 from service.model.spec import (
     ALLOWED_TOWERS,
     AlexNetSpec,
@@ -13,7 +12,20 @@ from service.model.spec import (
     feature_map_sizes,
     tower_divisibility_problems,
 )
-from service.model.tower import AlexNetTower, identity_exchange
+
+# The modules (torch) load on first use, so that code reading only the spec (the configuration
+# check every command runs first) starts without importing torch.
+_LAZY = {"ReferenceAlexNet": "service.model.reference", "AlexNetTower": "service.model.tower",
+         "identity_exchange": "service.model.tower"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ALLOWED_TOWERS",

@@ -38,7 +38,8 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, threads: int, ar
 # already holds torch instead of importing it again (~1.5 CPU-s a rank; 8 ranks on 2 cores was
 # most of a multi-process test's time). Forking is safe there: the server runs no torch op, so no
 # OpenMP or CUDA state exists to be copied half-made.
-FORKSERVER_PRELOAD = ["torch", "torch.distributed", "torch.nn.functional", "service.model"]
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "torch.nn.functional", "service.model.reference",
+                      "service.model.tower"]
 
 
 def run_on_processes(fn: Callable, world_size: int, *args, threads: int = 1) -> None:
