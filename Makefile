@@ -69,7 +69,7 @@ demo: $(STAMP)
 	$(PY) -m service.train experiment=demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow" tests
+	$(PY) -m pytest -q -ra --durations=25 -m "not slow" tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -ra -m slow tests
