@@ -352,11 +352,14 @@ def _start_tracking(payload: WorkerPayload, rank: int):
     """(rank 0's metric tracker, this node's system-metrics stopper); either may be None."""
     if payload.mlflow is None:
         return None, None
+    context = ray.train.get_context()
+    samples_node = payload.system_metrics and context.get_local_rank() == 0  # one sampler per node
+    if rank != 0 and not samples_node:
+        return None, None  # sends nothing, so never imports MLflow (~2 CPU-s at every job start)
     from service.tracking.worker_tracker import WorkerTracker, start_node_system_metrics
 
-    context = ray.train.get_context()
     stop_system = None
-    if payload.system_metrics and context.get_local_rank() == 0:  # one sampler per node
+    if samples_node:
         stop_system = start_node_system_metrics(payload.mlflow, node_id=f"node{context.get_node_rank()}")
     tracker = WorkerTracker(payload.mlflow, system_metrics=False) if rank == 0 else None
     return tracker, stop_system
