@@ -20,6 +20,7 @@ from service.config import Config
 # The one switch that brings Ray's internal logging back (documented in the README).
 VERBOSE_ENV = "ALEXNET_RAY_VERBOSE"
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow")
 
 
@@ -77,6 +78,25 @@ def training_job_cpus(cfg: Config) -> float:
     return training_cpus(cfg) + max(cfg.data.decode_concurrency, cfg.parallel.replicas * cfg.parallel.towers)
 
 
+def local_cluster_env() -> dict[str, str]:
+    """The environment of every process of a cluster this driver starts itself
+    (`make demo`); the user's own values of these variables win."""
+    return {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+        VERBOSE_ENV: os.environ.get(VERBOSE_ENV, ""),
+        # Ray Train's controller takes each report (a checkpoint) on its health-check
+        # poll, 2 s apart by default, and the workers wait for it: on a laptop's short
+        # epochs that is a third of the run.
+        POLL_ENV: os.environ.get(POLL_ENV, "0.25"),
+        # Ray Train's preemption watcher follows cloud nodes being drained; a cluster
+        # this process starts on its own machine has none, and the watcher's actor costs
+        # a process per run and prints a core_worker error line about its own restart
+        # policy. Clusters the job joins (ray job submit, KubeRay) keep it.
+        PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0"),
+    }
+
+
 def connect(address: str = "", min_cpus: float = 0) -> None:
     """Join the cluster at `address`, the one a submitted job runs in
     (RAY_ADDRESS), or start a local one with at least `min_cpus` logical CPUs."""
@@ -95,11 +115,7 @@ def connect(address: str = "", min_cpus: float = 0) -> None:
         # workers and the decode tasks each reserve CPUs, and on a 2-core laptop
         # they would otherwise wait for each other forever; the OS shares the cores.
         num_cpus = int(max(4, os.cpu_count() or 1, math.ceil(min_cpus)))
-        env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, ""),
-               # Ray Train's controller takes each report (a checkpoint) on its
-               # health-check poll, 2 s apart by default, and the workers wait
-               # for it: on a laptop's short epochs that is a third of the run.
-               POLL_ENV: os.environ.get(POLL_ENV, "0.25")}
+        env = local_cluster_env()
         # The dashboard serves Ray's state API, which Ray Train's placement-group
         # cleaner polls (it warns every second without it); bound to loopback.
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=True,
