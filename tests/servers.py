@@ -33,6 +33,9 @@ def quiet_env() -> dict:
         # Ray Train's controller takes each checkpoint report on its poll (2 s by
         # default) while the workers wait; the tests' short runs checkpoint often.
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
+        # No preemption watcher, as on the clusters the service starts itself: nothing on one
+        # machine is preempted, and its actor is one more process (~2 CPU-s) per training run.
+        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
         # MLflow's system-metrics sampler (10 s by default) would take no sample in a test's
         # short run; the Ray head passes this on to every worker it starts.
         MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
