@@ -37,9 +37,9 @@ def run_name(cfg: Config) -> str:
 
 def check_layout(cfg: Config, num_classes: int):
     """Every layout/model error surfaces here, before any worker starts."""
-    layout = ParallelLayout(cfg.parallel.replicas, cfg.parallel.towers)
-    from service.train.build import spec_for
+    from service.train.build import spec_for  # torch: only once the configuration has passed
 
+    layout = ParallelLayout(cfg.parallel.replicas, cfg.parallel.towers)
     spec = spec_for(cfg.model, cfg.parallel.towers, num_classes)
     layout.validate_model(spec)
     layout.validate_batch(cfg.train.batch_size)

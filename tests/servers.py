@@ -35,6 +35,8 @@ def quiet_env() -> dict:
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
         # No preemption watcher, as on the clusters the service starts itself: nothing on one
         # machine is preempted, and its actor is one more process (~2 CPU-s) per training run.
+        # (Written out, not taken from service.ray_cluster.local_cluster_env: importing that
+        # imports Ray, which reads RAY_AUTH_MODE once, before this environment is set.)
         RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
         # MLflow's system-metrics sampler (10 s by default) would take no sample in a test's
         # short run; the Ray head passes this on to every worker it starts.
