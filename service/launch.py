@@ -160,6 +160,7 @@ def train(cfg: Config, parent=None) -> dict:
         allow_cross_node_towers=cfg.parallel.allow_cross_node_towers,
         use_gpu=cfg.cluster.use_gpu,
         run_folder=f"{storage_path}/{name}",
+        resume_path=point.path if point else "",
         storage_filesystem=filesystem,
         mlflow=handle,
         system_metrics=cfg.tracking.system_metrics,

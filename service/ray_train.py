@@ -84,6 +84,8 @@ class WorkerPayload:
     last_logged_step: int = -1
     # -- Where this run's checkpoints go (metrics MLflow never took are spilled there).
     run_folder: str = ""
+    # -- The checkpoint the driver said it resumes from ("" for a fresh run).
+    resume_path: str = ""
     storage_filesystem: Any = None
     # -- Test-only fault injection (ALEXNET_TEST_CRASH_IN_CHECKPOINT=<step>): the
     #    last tower of replica 0 dies halfway through uploading its shard.
@@ -203,7 +205,7 @@ class RayHooks:
                 record[UNCONFIRMED_METRICS] = self.tracker.unconfirmed_points() if self.tracker else []
                 ckpt.write_progress(folder, record)
             crash = progress.step == self.payload.crash_in_checkpoint_at_step and groups.replica == 0 \
-                and groups.tower == groups.layout.towers - 1
+                and groups.tower == groups.layout.towers - 1 and _first_try(progress)
             report = {"epoch": progress.epoch, "step": progress.step}
             report.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
             report[SCORE] = report.get("val_top1_error", UNEVALUATED)
@@ -235,6 +237,15 @@ class RayHooks:
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
             "shards": shards,
         }
+
+
+def _first_try(progress: Progress) -> bool:
+    """Test-only fault: crash once. When Ray Train restarts the workers
+    (cluster.max_failures > 0) they pass the same step again and find the
+    half-written folder; this time the checkpoint is written whole."""
+    storage = ray.train.get_context().get_storage()  # a DeveloperAPI; fine for a test fault
+    destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name(progress.epoch, progress.step))
+    return storage.storage_filesystem.get_file_info(destination).type == pafs.FileType.NotFound
 
 
 def _upload_half_then_die(checkpoint: Checkpoint, checkpoint_dir_name: str) -> Checkpoint:
@@ -276,7 +287,14 @@ def _newest_checkpoint(payload: WorkerPayload, rank: int) -> Optional[Checkpoint
         if registered is not None:
             candidates.append((read_progress(registered)["step"], 1, registered))
         filesystem = payload.storage_filesystem or pafs.LocalFileSystem()
-        point = find_resume_point(filesystem, payload.run_folder, log=lambda message: None)
+        skipped: list[str] = []
+        point = find_resume_point(filesystem, payload.run_folder, log=skipped.append)
+        # The driver has already said which incomplete checkpoints it skipped. A
+        # different point means Ray Train restarted the workers mid-job: say why
+        # they go back past the checkpoints written since.
+        if (point.path if point else "") != payload.resume_path:
+            for line in skipped:
+                say(line)
         if point is not None:
             candidates.append((point.step, 0, Checkpoint(point.path, filesystem=filesystem)))
         choice = [max(candidates, key=lambda c: c[:2])[2] if candidates else None]

@@ -49,6 +49,7 @@ def test_multirun_sweep_logs_children_under_one_parent(tiny_dataset, mlflow_serv
     base = _overrides(tiny_dataset, mlflow_server, ray_session, tmp_path / "ckpt", "sweep", "ignored")
     overrides = [o for o in base if not o.startswith("run.name")] + [
         "train.max_steps=2",
+        "parallel.towers=1",  # what is tested is the runs' nesting: one worker a child is enough
         "tracking.log_model=false",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
         "recipe.lr=0.01,0.02",
