@@ -48,7 +48,9 @@ def wrap_data_parallel(model: nn.Module, groups: RankGroups, compression: str = 
         device_ids=[device] if device.type == "cuda" else None,
         process_group=groups.data_parallel_group,
         gradient_as_bucket_view=True,
-        broadcast_buffers=False,  # no buffers; replicas start from identical weights
+        # Buffer sync is left at its default: the towers have no buffers, so it has
+        # nothing to do. (broadcast_buffers=False is deprecated from torch 2.13 on, with
+        # a warning on every worker; its successor is not in torch 2.11, the GPU machine's.)
     )
     if compression == "bf16":
         wrapped.register_comm_hook(groups.data_parallel_group, _bf16_compressed_all_reduce)
