@@ -57,6 +57,10 @@ def quiet_ray_logging() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # MLflow sets its own logger's level when first imported; this is its switch.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow prints "View run ... / View experiment at ..." on every run end against a
+    # tracking server, twice per job; its experiment link opens the GenAI overview. The
+    # summary's own link opens the run page.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         from ray.data import DataContext
 

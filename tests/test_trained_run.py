@@ -58,3 +58,14 @@ def test_registered_versions_and_the_best_alias(trained_run):
     best = client.get_model_version_by_alias(trained_run.model_name, "best")
     lowest = min(errors.values())  # a tie goes to the newer version
     assert int(best.version) == max(v for v, error in errors.items() if error == lowest), errors
+
+
+def test_the_console_links_the_run_page_and_nothing_else(trained_run):
+    """Against a tracking server MLflow would print its own run and experiment
+    links at each run end; the experiment's opens the GenAI overview. Each
+    part prints the one line of the summary that opens the run page."""
+    server = trained_run.tracking_uri.rstrip("/")
+    for output in trained_run.outputs:
+        assert "View experiment at" not in output and "View run" not in output, output[-3000:]
+        links = re.findall(rf"{re.escape(server)}/#/\S*", output)
+        assert len(links) == 1 and re.fullmatch(rf".*/#/experiments/\d+/runs/{trained_run.run_id}", links[0]), links
