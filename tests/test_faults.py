@@ -92,7 +92,8 @@ def test_a_run_interrupted_four_ways_ends_like_an_uninterrupted_one(tiny_dataset
     mlflow_server = mlflow_outage
     storage, env = tmp_path / "ckpt", ray_env(ray_session)
     client = mlflow.MlflowClient(mlflow_server.url)
-    whole = _run(_command(tiny_dataset, mlflow_server, storage, "whole"), env)
+    # The reference needs no MLflow run: only its checkpoints are compared.
+    whole = _run(_command(tiny_dataset, mlflow_server, storage, "whole", "tracking.enabled=false"), env)
     assert whole.returncode == 0, whole.stderr[-3000:]
     # Checkpoints every 4 steps and at each epoch end; train.keep_checkpoints of them are kept.
     assert len([p for p in (storage / "whole").glob("checkpoint_e*") if p.is_dir()]) == KEEP_CHECKPOINTS
@@ -137,10 +138,10 @@ def test_a_run_interrupted_four_ways_ends_like_an_uninterrupted_one(tiny_dataset
     reference, interrupted = _final_state(storage, "whole"), _final_state(storage, "interrupted")
     for name, value in reference.items():
         torch.testing.assert_close(interrupted[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    # Both runs registered their best checkpoint (the alias between runs that differ:
-    # tests/test_trained_run.py).
+    # Registered once, by the invocation that finished (the alias between runs that
+    # differ: tests/test_trained_run.py).
     versions = client.search_model_versions("name='faults-model'")
-    assert sorted(v.run_id for v in versions) == sorted([run.info.run_id, the_run(client, "faults", "whole").info.run_id])
+    assert [v.run_id for v in versions] == [run.info.run_id]
     _assert_no_secret(client, run, storage, tmp_path)
 
 
