@@ -88,7 +88,8 @@ class WorkerPayload:
     resume_path: str = ""
     storage_filesystem: Any = None
     # -- Test-only fault injection (ALEXNET_TEST_CRASH_IN_CHECKPOINT=<step>): the
-    #    last tower of replica 0 dies halfway through uploading its shard.
+    #    last tower of replica 0 dies halfway through uploading its shard, once
+    #    (workers that Ray Train restarts write that checkpoint whole: `_first_try`).
     crash_in_checkpoint_at_step: int = -1
 
 
