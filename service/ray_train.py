@@ -240,25 +240,30 @@ class RayHooks:
         }
 
 
+def _checkpoint_destination(dir_name: str) -> tuple[pafs.FileSystem, str]:
+    """Where Ray Train uploads the checkpoint folder `dir_name` (test faults only:
+    the storage context is a DeveloperAPI)."""
+    storage = ray.train.get_context().get_storage()
+    return storage.storage_filesystem, storage.build_checkpoint_path_from_name(dir_name)
+
+
 def _first_try(progress: Progress) -> bool:
     """Test-only fault: crash once. When Ray Train restarts the workers
     (cluster.max_failures > 0) they pass the same step again and find the
     half-written folder; this time the checkpoint is written whole."""
-    storage = ray.train.get_context().get_storage()  # a DeveloperAPI; fine for a test fault
-    destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name(progress.epoch, progress.step))
-    return storage.storage_filesystem.get_file_info(destination).type == pafs.FileType.NotFound
+    filesystem, destination = _checkpoint_destination(checkpoint_dir_name(progress.epoch, progress.step))
+    return filesystem.get_file_info(destination).type == pafs.FileType.NotFound
 
 
 def _upload_half_then_die(checkpoint: Checkpoint, checkpoint_dir_name: str) -> Checkpoint:
     """Test-only fault (ALEXNET_TEST_CRASH_IN_CHECKPOINT): upload the first
     half of each of this worker's checkpoint files, then SIGKILL this process:
     a worker killed in the middle of writing a checkpoint."""
-    storage = ray.train.get_context().get_storage()  # a DeveloperAPI; fine for a test fault
-    destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
-    storage.storage_filesystem.create_dir(destination)
+    filesystem, destination = _checkpoint_destination(checkpoint_dir_name)
+    filesystem.create_dir(destination)
     for name in sorted(os.listdir(checkpoint.path)):
         data = Path(checkpoint.path, name).read_bytes()
-        with storage.storage_filesystem.open_output_stream(f"{destination}/{name}") as stream:
+        with filesystem.open_output_stream(f"{destination}/{name}") as stream:
             stream.write(data[: len(data) // 2])
     os.kill(os.getpid(), signal.SIGKILL)
     raise AssertionError("unreachable")

@@ -8,8 +8,8 @@ a checkpoint and a training worker SIGKILLed mid-epoch, both met by Ray
 Train's restarts within the job, the driver SIGKILLed mid-epoch, and the
 MLflow server stopped and restarted while the resumed run trains) and must
 end exactly like an uninterrupted run of the same command: the same
-steps and weights, one MLflow run with every logged step
-once, its model registered, no secret anywhere. Both runs use
+steps and weights, one MLflow run with every logged step once, its model
+registered, no secret anywhere. Both runs use
 data.decode=device (JPEG bytes and augmentation parameters to the towers,
 decoded there by nvImageCodec, on its CPU backend here), so the equal final
 weights prove that path's exact resume through the real service.
@@ -104,7 +104,8 @@ def test_a_run_interrupted_four_ways_ends_like_an_uninterrupted_one(tiny_dataset
     cut = storage / "interrupted" / "checkpoint_e0000_s000000008"
     said = "".join(lines)
     assert f"skipping incomplete checkpoint {cut}: " in said, said[-3000:]
-    assert said.index(f"skipping incomplete checkpoint {cut}") < said.index("resumed from epoch 0 step 4 "), said[-3000:]
+    skipped_at = said.index(f"skipping incomplete checkpoint {cut}")
+    assert skipped_at < said.index("resumed from epoch 0 step 4 "), said[-3000:]
     victims = train_worker_pids()
     assert len(victims) == 2, victims
     os.kill(victims[-1], signal.SIGKILL)

@@ -44,10 +44,10 @@ def test_unreachable_tracking_server_is_one_line_naming_the_uri(tmp_path):
     check_tracking_reachable(f"sqlite:///{tmp_path}/mlruns.db")  # a folder that exists is enough
 
 
-def _command(tiny_dataset, server, tmp_path: Path, name: str, epochs: int, *extra: str) -> list[str]:
+def _command(tiny_dataset, server, tmp_path: Path, name: str, *extra: str) -> list[str]:
     # One tower: what is tested is rank 0's tracking; a second tower would only add a worker process.
     return train_command(
-        tiny_dataset, tmp_path / "ckpt", tmp_path / "hydra", f"train.epochs={epochs}", "train.batch_size=16",
+        tiny_dataset, tmp_path / "ckpt", tmp_path / "hydra", "train.epochs=1", "train.batch_size=16",
         "train.log_every_steps=1", "train.checkpoint_every_steps=2", "tracking.system_metrics=false",
         "tracking.log_model=false", "parallel.towers=1", *extra, tracking_uri=server.url, experiment="outage",
         name=name,
@@ -61,7 +61,7 @@ def test_server_gone_for_good_the_job_ends_spills_and_resend_delivers(tiny_datas
     many points it could not send and writes them to the spill file, which
     `python -m service.tracking.resend` delivers (twice: nothing doubles)."""
     server = mlflow_outage
-    command = _command(tiny_dataset, server, tmp_path, "gone", 1, "tracking.close_timeout_s=3")
+    command = _command(tiny_dataset, server, tmp_path, "gone", "tracking.close_timeout_s=3")
     process, lines = run_until(command, ray_env(ray_session), r"epoch 1/1 step 3/")
     try:
         server.stop()
