@@ -82,10 +82,12 @@ def test_a_run_interrupted_four_ways_ends_like_an_uninterrupted_one(tiny_dataset
     3. the driver is SIGKILLed in epoch 3: the same command resumes from the
        newest complete checkpoint into the same MLflow run;
     4. the MLflow server is stopped as that resumed run starts training, and
-       started again at once on the same port and store (10-60 s here, longer
-       than the rest of the run: the job waits for it at its end, up to
-       tracking.close_timeout_s): the worker says MLflow is away, then back,
-       and sends what it held;
+       started again on the same port and store once the worker has said it is
+       unreachable (its client's own retries would hide an outage shorter than
+       ~3 s: waiting for the line makes the test independent of how fast the
+       server restarts; the job waits for it at its end, up to
+       tracking.close_timeout_s): the worker says MLflow is back and sends what
+       it held;
     and ends with the uninterrupted run's steps and weights, every logged step
     in MLflow exactly once. A change of layout under the same run.name stops
     before any worker starts."""
@@ -121,6 +123,7 @@ def test_a_run_interrupted_four_ways_ends_like_an_uninterrupted_one(tiny_dataset
     process, lines = run_until(command, env, r"resumed from epoch 2 step")
     try:
         mlflow_server.stop()
+        lines_until(process, r"is unreachable .*training goes on", seen=lines)
         mlflow_server.start()
         lines.extend(process.stdout)
         assert process.wait(timeout=600) == 0, "".join(lines)[-3000:]
