@@ -87,7 +87,9 @@ def test_ray_job_submit_end_to_end_two_replicas_ten_crop(tiny_dataset, mlflow_se
     env = {**os.environ, **ray_head.env}
     overrides = _overrides(tiny_dataset, mlflow_server, ray_head, tmp_path / "ckpt", "jobs", "job-smoke")
     overrides = [o for o in overrides if not o.startswith("cluster.address")]
-    overrides += ["parallel.replicas=2", "data.eval_crops=10"]
+    # Half a logical CPU a worker: the 4 workers and their 4 lanes' read tasks fit the
+    # session cluster's 6, so nothing queues for a CPU (the job would say it waits).
+    overrides += ["parallel.replicas=2", "data.eval_crops=10", "cluster.cpus_per_worker=0.5"]
     command = [
         str(Path(sys.executable).parent / "ray"), "job", "submit",
         "--address", ray_head.dashboard_url,
@@ -99,6 +101,7 @@ def test_ray_job_submit_end_to_end_two_replicas_ten_crop(tiny_dataset, mlflow_se
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "succeeded" in output.lower()
+    assert "will wait for resources" not in output, output[-4000:]
     client = mlflow.MlflowClient(mlflow_server.url)
     (run,) = _runs(client, "jobs")
     assert run.info.status == "FINISHED"
