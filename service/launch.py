@@ -46,6 +46,20 @@ def check_layout(cfg: Config, num_classes: int):
     return layout, spec
 
 
+def loop_options(cfg: Config, steps_per_epoch: int):
+    """The epoch loop's options for `cfg` once the epoch's length is known."""
+    from service.train.loop import LoopOptions  # torch: only once the configuration has passed
+
+    return LoopOptions(
+        epochs=cfg.train.epochs,
+        steps_per_epoch=steps_per_epoch,
+        log_every_steps=cfg.train.log_every_steps,
+        checkpoint_every_steps=cfg.train.checkpoint_every_steps,
+        max_steps=cfg.train.max_steps,
+        eval_every_epochs=cfg.train.eval_every_epochs,
+    )
+
+
 def storage_location(cfg: Config):
     """(storage_path, filesystem) of the checkpoints, as Ray Train takes them."""
     from service.data import storage
@@ -138,19 +152,11 @@ def train(cfg: Config, parent=None) -> dict:
         print(f"[mlflow] {'resumed' if handle.resumed else 'started'} run {handle.run_id} ({name})", flush=True)
     from service import ray_train  # torch and Ray Train: imported once the checks above have passed
     from service.train.build import training_options
-    from service.train.loop import LoopOptions
 
     payload = ray_train.WorkerPayload(
         run_name=name,
         training=training_options(cfg, spec, meta.mean, meta.std, steps_per_epoch),
-        loop=LoopOptions(
-            epochs=cfg.train.epochs,
-            steps_per_epoch=steps_per_epoch,
-            log_every_steps=cfg.train.log_every_steps,
-            checkpoint_every_steps=cfg.train.checkpoint_every_steps,
-            max_steps=cfg.train.max_steps,
-            eval_every_epochs=cfg.train.eval_every_epochs,
-        ),
+        loop=loop_options(cfg, steps_per_epoch),
         data=source,
         per_replica_batch=per_replica,
         read_tasks_per_lane=decode.per_lane,

@@ -133,7 +133,10 @@ def trained_run(tiny_dataset, mlflow_server, ray_session, s3_server, tmp_path_fa
     hydra = tmp_path_factory.mktemp("trained-run")
     outputs = []
     for epochs in (1, 2):
+        # A checkpoint every 2 steps besides each epoch end's: 6 in all, of which the
+        # train.keep_checkpoints=2 best by validation error stay (tests/test_trained_run.py).
         command = train_command(tiny_dataset, storage, hydra, *s3, f"train.epochs={epochs}",
+                                "train.checkpoint_every_steps=2",
                                 "tracking.registered_model=alexnet", tracking_uri=mlflow_server.url,
                                 experiment="trained", name="smoke")
         result = subprocess.run(command, cwd=REPO, env=ray_env(ray_session), capture_output=True, text=True,

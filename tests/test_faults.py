@@ -7,9 +7,10 @@ One run is interrupted four ways (a worker killed halfway through uploading
 a checkpoint and a training worker SIGKILLed mid-epoch, both met by Ray
 Train's restarts within the job, the driver SIGKILLed mid-epoch, and the
 MLflow server stopped and restarted while the resumed run trains) and must
-end exactly like an uninterrupted run of the same command: the same
-steps and weights, one MLflow run with every logged step once, its model
-registered, no secret anywhere. Both runs use
+end exactly like the same training run uninterrupted and without Ray
+(tests/plain_training.py: the service's own build, loop and lane reads on
+plain gloo processes): the same steps and weights, one MLflow run with every
+logged step once, its model registered, no secret anywhere. Both use
 data.decode=device (JPEG bytes and augmentation parameters to the towers,
 decoded there by nvImageCodec, on its CPU backend here), so the equal final
 weights prove that path's exact resume through the real service.
@@ -36,30 +37,28 @@ from tests.helpers import (
     REPO, assert_complete_history, assert_no_secret, lines_until, ray_env, run_until, the_run, train_command,
     train_worker_pids,
 )
+from tests.plain_training import train_without_ray
 
 pytestmark = pytest.mark.integration
 SECRET = "TOPSECRET-do-not-log-4f9a"
 EPOCHS, STEPS_PER_EPOCH, LOG_EVERY, CHECKPOINT_EVERY, KEEP_CHECKPOINTS = 3, 10, 2, 4, 3
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
+TRAINING = (f"train.epochs={EPOCHS}", "train.batch_size=16", f"train.log_every_steps={LOG_EVERY}",
+            f"train.checkpoint_every_steps={CHECKPOINT_EVERY}", f"train.keep_checkpoints={KEEP_CHECKPOINTS}",
+            "data.decode=device")
 
 
 def _command(tiny_dataset, mlflow_server, storage: Path, name: str, *extra: str) -> list[str]:
     return train_command(
         tiny_dataset, storage, storage.parent / "hydra", "tracking.system_metrics=false",
-        f"data.s3_secret_key={SECRET}", "data.s3_access_key=AKIAEXAMPLE-KEY", f"train.epochs={EPOCHS}",
-        "train.batch_size=16", f"train.log_every_steps={LOG_EVERY}", f"train.checkpoint_every_steps={CHECKPOINT_EVERY}",
-        f"train.keep_checkpoints={KEEP_CHECKPOINTS}", "data.decode=device", *extra,
+        f"data.s3_secret_key={SECRET}", "data.s3_access_key=AKIAEXAMPLE-KEY",
+        *TRAINING, *extra,
         tracking_uri=mlflow_server.url, experiment="faults", name=name,
     )
 
 
 def _run(command, env) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _final_state(storage: Path, name: str) -> dict:
-    folder = storage / name / f"checkpoint_e{EPOCHS:04d}_s{TOTAL_STEPS:09d}"
-    return load_reference_state(folder)[1]
 
 
 def _assert_no_secret(client, run, storage: Path, tmp_path: Path) -> None:
@@ -88,18 +87,12 @@ def test_a_run_interrupted_four_ways_ends_like_an_uninterrupted_one(tiny_dataset
        server restarts; the job waits for it at its end, up to
        tracking.close_timeout_s): the worker says MLflow is back and sends what
        it held;
-    and ends with the uninterrupted run's steps and weights, every logged step
-    in MLflow exactly once. A change of layout under the same run.name stops
+    and ends with every step trained once, the weights of the same training
+    uninterrupted and without Ray, and every logged step in MLflow exactly once. A change of layout under the same run.name stops
     before any worker starts."""
     mlflow_server = mlflow_outage
     storage, env = tmp_path / "ckpt", ray_env(ray_session)
     client = mlflow.MlflowClient(mlflow_server.url)
-    # The reference needs no MLflow run: only its checkpoints are compared.
-    whole = _run(_command(tiny_dataset, mlflow_server, storage, "whole", "tracking.enabled=false"), env)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    # Checkpoints every 4 steps and at each epoch end; train.keep_checkpoints of them are kept.
-    assert len([p for p in (storage / "whole").glob("checkpoint_e*") if p.is_dir()]) == KEEP_CHECKPOINTS
-
     command = _command(tiny_dataset, mlflow_server, storage, "interrupted")
     process, lines = run_until(command + ["cluster.max_failures=3"],
                                ray_env(ray_session, ALEXNET_TEST_CRASH_IN_CHECKPOINT="8"), r"epoch 2/3 step 14/")
@@ -139,7 +132,10 @@ def test_a_run_interrupted_four_ways_ends_like_an_uninterrupted_one(tiny_dataset
     assert run.info.status == "FINISHED"
     assert_complete_history(client, run.info.run_id, ["loss"], TOTAL_STEPS, every=LOG_EVERY,
                             val_steps=[STEPS_PER_EPOCH * (epoch + 1) for epoch in range(EPOCHS)])
-    reference, interrupted = _final_state(storage, "whole"), _final_state(storage, "interrupted")
+    # The reference: the same training without Ray, uninterrupted (tests/plain_training.py).
+    reference = train_without_ray(["experiment=smoke", f"data.root={tiny_dataset}", *TRAINING], tmp_path / "plain")
+    interrupted = load_reference_state(storage / "interrupted" / f"checkpoint_e{EPOCHS:04d}_s{TOTAL_STEPS:09d}")[1]
+    assert reference.keys() == interrupted.keys()
     for name, value in reference.items():
         torch.testing.assert_close(interrupted[name], value, rtol=1e-5, atol=1e-6, msg=name)
     # Registered once, by the invocation that finished (the alias between runs that

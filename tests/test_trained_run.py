@@ -26,7 +26,9 @@ def test_checkpoints_on_s3_and_the_resume_from_them(trained_run, s3_server):
     assert "resuming from step" not in first
     assert re.search(rf"resuming from step {STEPS_PER_EPOCH}\b", second), second[-3000:]
     assert f"resumed from epoch 1 step {STEPS_PER_EPOCH} ({trained_run.run_folder.removeprefix('s3://')}" in second
-    # train.keep_checkpoints of them are kept in the bucket, ranked by validation error; the last is among them.
+    # Checkpoints at steps 2, 4, 5, 6, 8 and 10 (every 2 steps and each epoch's end); the
+    # train.keep_checkpoints best by validation error stay in the bucket: the two evaluated ones,
+    # the last among them. Those in between were written, then pruned.
     assert len(trained_run.checkpoints) == KEEP_CHECKPOINTS, trained_run.checkpoints
     steps = sorted(checkpoint_progress(uri, s3_server)["step"] for uri in trained_run.checkpoints)
     assert steps == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
