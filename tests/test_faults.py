@@ -85,11 +85,12 @@ def test_a_run_interrupted_four_ways_ends_like_an_uninterrupted_one(tiny_dataset
        unreachable (its client's own retries would hide an outage shorter than
        ~3 s: waiting for the line makes the test independent of how fast the
        server restarts; the job waits for it at its end, up to
-       tracking.close_timeout_s): the worker says MLflow is back and sends what
-       it held;
+       tracking.close_timeout_s, 300 s here): the worker says MLflow is back and
+       sends what it held;
     and ends with every step trained once, the weights of the same training
-    uninterrupted and without Ray, and every logged step in MLflow exactly once. A change of layout under the same run.name stops
-    before any worker starts."""
+    uninterrupted and without Ray, and every logged step in MLflow exactly
+    once. A change of layout under the same run.name stops before any worker
+    starts."""
     mlflow_server = mlflow_outage
     storage, env = tmp_path / "ckpt", ray_env(ray_session)
     client = mlflow.MlflowClient(mlflow_server.url)
@@ -113,7 +114,9 @@ def test_a_run_interrupted_four_ways_ends_like_an_uninterrupted_one(tiny_dataset
     assert changed.returncode == 2 and "parallel.towers: 2 -> 1" in changed.stderr, changed.stderr[-2000:]
     assert "Traceback" not in changed.stderr
 
-    process, lines = run_until(command, env, r"resumed from epoch 2 step")
+    # The job waits for MLflow at its end up to tracking.close_timeout_s: room for a server
+    # that takes this machine up to a minute to start (tracking keys may change on resume).
+    process, lines = run_until(command + ["tracking.close_timeout_s=300"], env, r"resumed from epoch 2 step")
     try:
         mlflow_server.stop()
         lines_until(process, r"is unreachable .*training goes on", seen=lines)
