@@ -116,7 +116,8 @@ def train(cfg: Config, parent=None) -> dict:
         from service.tracking import mlflow_tracker
 
         mlflow_tracker.check_tracking_reachable(cfg.tracking.uri)
-    from service.resume import check_resume, find_resume_point  # torch (checkpoint format): after the checks
+    # torch (checkpoint format): after the checks
+    from service.resume import check_resume, find_resume_point, remove_untracked_checkpoints
 
     storage_path, filesystem = storage_location(cfg)
     point = find_resume_point(filesystem or pafs.LocalFileSystem(), f"{storage_path}/{name}")
@@ -190,6 +191,14 @@ def train(cfg: Config, parent=None) -> dict:
     finally:
         if handle and failed:
             mlflow_tracker.finish_run(handle, failed=True)
+    tracked = [checkpoint.path for checkpoint, _ in result.best_checkpoints or []]
+    if result.checkpoint is not None:
+        tracked.append(result.checkpoint.path)
+    removed = remove_untracked_checkpoints(filesystem or pafs.LocalFileSystem(), f"{storage_path}/{name}", tracked)
+    if removed:
+        names = ", ".join(path.rsplit("/", 1)[-1] for path in removed)
+        print(f"[train] removed {len(removed)} checkpoint(s) left by earlier attempts of this run, beyond "
+              f"train.keep_checkpoints={cfg.train.keep_checkpoints}: {names}", flush=True)
     summary = {"run_name": name, "wall_s": time.monotonic() - started, "layout": layout.describe()}
     best = best_checkpoint(result)
     if result.checkpoint is not None:

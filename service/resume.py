@@ -63,15 +63,10 @@ def find_resume_point(filesystem: pafs.FileSystem, run_dir: str, log=print) -> O
     """The newest complete checkpoint under `run_dir`, or None. Incomplete
     ones (an upload cut short) are skipped with a line saying why."""
     try:
-        entries = filesystem.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+        folders = checkpoint_folders(filesystem, run_dir)
     except OSError as error:
         raise ConfigError(f"cannot list checkpoints under {run_dir}: {error}") from None
-    candidates = []
-    for entry in entries:
-        match = CHECKPOINT_DIR.match(entry.base_name)
-        if entry.type == pafs.FileType.Directory and match:
-            candidates.append((int(match.group(2)), int(match.group(1)), entry.path))
-    for _step, _epoch, path in sorted(candidates, reverse=True):
+    for path in reversed(folders):
         files = filesystem.get_file_info(pafs.FileSelector(path))
         sizes = {info.base_name: info.size for info in files if info.type == pafs.FileType.File}
         try:
@@ -87,6 +82,32 @@ def find_resume_point(filesystem: pafs.FileSystem, run_dir: str, log=print) -> O
             continue
         return ResumePoint(path, filesystem, progress)
     return None
+
+
+def checkpoint_folders(filesystem: pafs.FileSystem, run_dir: str) -> list[str]:
+    """Every checkpoint folder under `run_dir` (complete or not), oldest first."""
+    entries = filesystem.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    found = [(int(m.group(2)), int(m.group(1)), e.path) for e in entries
+             if e.type == pafs.FileType.Directory and (m := CHECKPOINT_DIR.match(e.base_name))]
+    return [path for _step, _epoch, path in sorted(found)]
+
+
+def remove_untracked_checkpoints(filesystem: pafs.FileSystem, run_dir: str, tracked: list[str]) -> list[str]:
+    """Delete the checkpoint folders of a finished run that Ray Train's checkpoint
+    manager no longer tracks; returns their paths.
+
+    Ray Train prunes to train.keep_checkpoints only what its manager knows. A
+    driver killed mid-run leaves folders it never pruned (and its workers may
+    finish one more after it died); the resumed job's manager, restored from
+    its snapshot, does not know them. They were resume points; once the run
+    has finished they are only storage."""
+    keep = {path.rstrip("/").rsplit("/", 1)[-1] for path in tracked}  # folder names: all under run_dir
+    if not keep:  # nothing tracked (no checkpoint reported): nothing to compare with, nothing removed
+        return []
+    removed = [path for path in checkpoint_folders(filesystem, run_dir) if path.rsplit("/", 1)[-1] not in keep]
+    for path in removed:
+        filesystem.delete_dir(path)
+    return removed
 
 
 def changed_training_keys(saved: dict, current: dict) -> list[str]:

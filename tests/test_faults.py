@@ -135,6 +135,15 @@ def test_a_run_interrupted_four_ways_ends_like_an_uninterrupted_one(tiny_dataset
     assert run.info.status == "FINISHED"
     assert_complete_history(client, run.info.run_id, ["loss"], TOTAL_STEPS, every=LOG_EVERY,
                             val_steps=[STEPS_PER_EPOCH * (epoch + 1) for epoch in range(EPOCHS)])
+    # train.keep_checkpoints holds across the attempts: what the killed driver and its
+    # outliving workers left, Ray Train's manager of the finished attempt never knew;
+    # the job removes it at its end, saying so (5 folders before this rule, in one run).
+    kept = sorted(path.name for path in (storage / "interrupted").glob("checkpoint_e*"))
+    assert len(kept) == KEEP_CHECKPOINTS and kept[-1] == f"checkpoint_e{EPOCHS:04d}_s{TOTAL_STEPS:09d}", kept
+    removals = [line for line in lines if line.startswith("[train] removed ")]
+    removal = re.compile(rf"\[train\] removed \d checkpoint\(s\) left by earlier attempts of this run, beyond "
+                         rf"train.keep_checkpoints={KEEP_CHECKPOINTS}: checkpoint_e")
+    assert all(removal.match(line) for line in removals), removals
     # The reference: the same training without Ray, uninterrupted (tests/plain_training.py).
     reference = train_without_ray(["experiment=smoke", f"data.root={tiny_dataset}", *TRAINING], tmp_path / "plain")
     interrupted = load_reference_state(storage / "interrupted" / f"checkpoint_e{EPOCHS:04d}_s{TOTAL_STEPS:09d}")[1]

@@ -11,7 +11,9 @@ from service.config import ConfigError, to_dict
 from service.hydra_app import compose
 from service.model import ReferenceAlexNet, alexnet_spec
 from service.parallel.sharding import reference_to_tower
-from service.resume import changed_training_keys, check_resume, checkpoint_dir_name, find_resume_point
+from service.resume import (
+    changed_training_keys, check_resume, checkpoint_dir_name, find_resume_point, remove_untracked_checkpoints,
+)
 from service.tracking.redact import redact
 from service.train import checkpoint as ckpt
 
@@ -53,6 +55,23 @@ def test_the_newest_complete_checkpoint_is_chosen_and_incomplete_ones_are_named(
     ]
     assert "tower_1.pt has 100 bytes, expected" in said[2]
     assert find_resume_point(pafs.LocalFileSystem(), str(tmp_path / "no-such-run")) is None
+
+
+def test_a_finished_run_keeps_only_the_checkpoints_ray_tracks(tmp_path):
+    """Folders an earlier, killed attempt left (Ray Train's manager of the finished
+    attempt never knew them) go; the tracked ones, other files and folders stay."""
+    for epoch, step in ((1, 10), (1, 12), (2, 20), (2, 28), (3, 30)):
+        (tmp_path / checkpoint_dir_name(epoch, step)).mkdir()
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    (tmp_path / "unsent_metrics-1.jsonl").write_text("")
+    tracked = [str(tmp_path / checkpoint_dir_name(e, s)) for e, s in ((1, 10), (2, 20), (3, 30))]
+    fs = pafs.LocalFileSystem()
+    assert remove_untracked_checkpoints(fs, str(tmp_path), []) == []  # nothing tracked: nothing to go by
+    removed = remove_untracked_checkpoints(fs, str(tmp_path), tracked + [tracked[-1] + "/"])
+    assert [p.rsplit("/", 1)[-1] for p in removed] == [checkpoint_dir_name(1, 12), checkpoint_dir_name(2, 28)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [checkpoint_dir_name(1, 10), checkpoint_dir_name(2, 20), checkpoint_dir_name(3, 30),
+         "checkpoint_manager_snapshot.json", "unsent_metrics-1.jsonl"])
 
 
 def test_a_shard_that_does_not_match_its_digest_is_refused(tmp_path):

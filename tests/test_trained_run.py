@@ -14,11 +14,13 @@ import re
 import mlflow
 import pytest
 
+from service.config import TrainConfig
 from tests.conftest import checkpoint_progress
 from tests.helpers import assert_complete_history
 
 pytestmark = pytest.mark.integration
-STEPS_PER_EPOCH, LOG_EVERY, KEEP_CHECKPOINTS = 5, 2, 2  # 162 images at batch 32; smoke's logging; the default
+STEPS_PER_EPOCH, LOG_EVERY = 5, 2  # 162 images at batch 32; smoke's logging
+KEEP_CHECKPOINTS = TrainConfig.keep_checkpoints  # the default: the trained run does not set it
 
 
 def test_checkpoints_on_s3_and_the_resume_from_them(trained_run, s3_server):

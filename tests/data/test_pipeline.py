@@ -9,13 +9,16 @@ import os
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from service.config import DataConfig
 from service.data import epochs
 from service.data.device_decode import ShareLoader
 from service.data.epochs import Lane
-from service.data.pipeline import build_pipeline, iter_lane_local, iter_shares, lane_dataset
+from service.data.pipeline import (
+    OBJECT_STORE_FRACTION, build_pipeline, iter_lane_local, iter_shares, lane_dataset, object_store_budget,
+)
 from service.data.read import BadShardError, lane_keys
 from tests.data.shards import write_dataset
 
@@ -56,7 +59,15 @@ def test_lane_dataset_equals_the_plan_and_the_local_iterator_in_blocks_of_whole_
                 else:
                     assert np.array_equal(rows[column], expected[column]), (decode, column)
         # Blocks of whole shares (one per block for pixels, a few for JPEGs): nothing is stitched.
-        ds = lane_dataset(source, "train", 1, Lane(0, 2, 0, 2), SHARE, concurrency=2)
+        # Each lane's executor is capped at its own read tasks and its share of the object store
+        # (so R x T executors on a node do not each budget for the whole node).
+        budget = object_store_budget(num_lanes=4)
+        ds = lane_dataset(source, "train", 1, Lane(0, 2, 0, 2), SHARE, concurrency=2, object_store_bytes=budget)
+        limits = ds.context.execution_options.resource_limits
+        # CPUs: its read tasks (at most the 2 asked for; fewer when the lane has fewer units).
+        assert limits.cpu in (1, 2) and limits.object_store_memory == pytest.approx(budget, abs=1), limits
+        store = ray.available_resources()["object_store_memory"]
+        assert 0 < budget == pytest.approx(OBJECT_STORE_FRACTION * store / 4, rel=0.05), (budget, store)
         blocks = [len(batch["label"]) for batch in ds.iter_batches(batch_size=None, batch_format="numpy")]
         assert blocks and all(rows % SHARE == 0 for rows in blocks), (decode, blocks)
 
