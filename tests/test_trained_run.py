@@ -72,4 +72,6 @@ def test_the_console_links_the_run_page_and_nothing_else(trained_run):
     for output in trained_run.outputs:
         assert "View experiment at" not in output and "View run" not in output, output[-3000:]
         links = re.findall(rf"{re.escape(server)}/#/\S*", output)
-        assert len(links) == 1 and re.fullmatch(rf".*/#/experiments/\d+/runs/{trained_run.run_id}", links[0]), links
+        assert len(links) == 1, links
+        assert re.fullmatch(rf".*/#/experiments/\d+/runs/{trained_run.run_id}\?workflowType=machine_learning",
+                            links[0]), links

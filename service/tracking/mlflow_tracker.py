@@ -53,6 +53,12 @@ def resolve_tracking_uri(uri: str) -> str:
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     return uri
 
+# MLflow 3's UI opens in its GenAI mode in a fresh browser (GenAI sidebar; an
+# experiment's bare page is the traces overview), whatever the experiment's kind
+# tag says. This query selects its "Model training" mode: the runs table, models
+# and registry, as checked in headless Chromium against MLflow 3.17.2.
+UI_MODEL_TRAINING = "?workflowType=machine_learning"
+
 
 @dataclass(frozen=True)
 class RunHandle:
@@ -65,7 +71,7 @@ class RunHandle:
 
     def ui_hint(self) -> str:
         """The command that opens the MLflow UI on this run."""
-        url = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        url = f"#/experiments/{self.experiment_id}/runs/{self.run_id}{UI_MODEL_TRAINING}"
         if self.tracking_uri.startswith("sqlite:"):
             return (
                 f"mlflow ui --backend-store-uri '{self.tracking_uri}' --host 127.0.0.1 --port 5000\n"

@@ -6,9 +6,9 @@
 - the source version: the git commit (`mlflow.source.git.commit`, which the UI
   shows as the run's source version) and, in containers, the image tag from
   $ALEXNET_IMAGE; the exact command, secrets redacted;
-- the experiment's kind tag (model training). MLflow 3's bare experiment
-  page still opens on the GenAI overview, so printed and documented links
-  point at `#/experiments/<id>/runs` or the run's page.
+- the experiment's kind tag (model training). MLflow 3's UI still opens in
+  its GenAI mode in a fresh browser, so printed and documented links carry
+  `?workflowType=machine_learning` (mlflow_tracker.UI_MODEL_TRAINING).
 """
 
 from __future__ import annotations
