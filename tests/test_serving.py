@@ -192,7 +192,11 @@ def test_served_best_model_cuts_at_top_5_and_errs_exactly_as_its_run_logged(mode
         (_records([b"\0" * (MAX_IMAGE_BYTES + 1)]), f"more than the {MAX_IMAGE_BYTES} accepted"),
         (_records([_png_claiming(10_000, 10_000)]), "10000x10000 pixels, more than the 40000000 accepted"),
         (_records([jpeg(class_photo(0, 0))[:-1500]]), "cannot be decoded"),
-        (json.dumps({"dataframe_records": [{"picture": "AAAA"}]}).encode(), "image"),
+        # MLflow's schema check, before the model's code runs: the column it lacks, the
+        # schema it accepts and the column it was sent.
+        (json.dumps({"dataframe_records": [{"picture": "AAAA"}]}).encode(),
+         "with schema '['image': binary (required)]'. Error: Model is missing inputs ['image']. "
+         "Note that there were extra inputs: ['picture']."),
         (json.dumps({"dataframe_records": []}).encode(), "missing inputs ['image']"),
         (b"{not json", "JSON"),
         (_records([jpeg(class_photo(0, 0))], params={"top_k": 0}), "top_k"),
