@@ -20,9 +20,14 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-__all__ = ["IN_CI", "REPO", "VENV_BIN", "assert_complete_history", "assert_no_secret", "closed_port", "free_port", "http_ok",
+__all__ = ["IN_CI", "NO_AWS_CREDENTIALS", "REPO", "VENV_BIN", "assert_complete_history", "assert_no_secret", "closed_port", "free_port", "http_ok",
            "lines_until", "pyproject", "ray_env", "run_until", "skip_or_fail_in_ci", "the_run", "TINY_DATA_READ", "train_command", "train_worker_pids",
-           "wait_until"]
+           "wait_until", "without_aws_credentials"]
+
+# No AWS credentials anywhere: no shared files, no instance metadata probe (the
+# AWS_* keys themselves are removed by `without_aws_credentials`).
+NO_AWS_CREDENTIALS = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
+                      "AWS_CONFIG_FILE": "/nonexistent/config"}
 
 
 def wait_until(ready: Callable[[], bool], timeout_s: float, what: str,
@@ -102,6 +107,12 @@ def train_command(data_root: str, storage: str | Path, hydra_dir: Path, *overrid
     )
     return [sys.executable, "-m", "service.train", "experiment=smoke", f"data.root={data_root}", *tracking,
             f"storage.path={storage}", f"run.name={name}", f"hydra.run.dir={hydra_dir}", *TINY_DATA_READ, *overrides]
+
+
+def without_aws_credentials() -> dict:
+    """This process's environment with no AWS_* variable and `NO_AWS_CREDENTIALS`:
+    a command started with it finds no S3 credentials but the ones it is given."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **NO_AWS_CREDENTIALS}
 
 
 def ray_env(ray_head, **extra: str) -> dict:

@@ -1,6 +1,5 @@
 """Configuration: composition, validation, and failing before anything starts."""
 
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ from service.config import ConfigError, from_dict, to_dict
 from service.hydra_app import compose
 from service.launch import check_layout
 from service.train.build import base_lr
-from service.parallel.local import free_port
+from tests.helpers import closed_port, without_aws_credentials
 
 
 def test_user_facing_keys_compose():
@@ -87,13 +86,9 @@ def test_model_that_cannot_split_fails_before_start():
 # line on stderr, before Ray. The address points at a closed port: had the job
 # tried to reach Ray it would fail with a connection error after a long
 # timeout, not with this message.
-NO_AWS = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
-          "AWS_CONFIG_FILE": "/nonexistent/config"}
-
-
 def test_cli_errors_are_one_line_exit_2_before_ray(tmp_path):
     (tmp_path / "not-ingested").mkdir()
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{closed_port()}"
     cases = {  # name: (overrides, text the one line must hold)
         "towers": (["parallel.towers=3"], "configuration error: parallel.towers=3 is not allowed"),
         "split": (["parallel.towers=4", "model.num_classes=2"], "num_classes=2 is smaller than towers=4"),
@@ -102,7 +97,7 @@ def test_cli_errors_are_one_line_exit_2_before_ray(tmp_path):
         "S3 without credentials": (["data.root=s3://imagenet/train-ready", f"data.s3_endpoint=http://{dead}"],
                                    "error: no S3 credentials for s3://imagenet/train-ready"),
     }
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **NO_AWS}
+    env = without_aws_credentials()
     processes = {
         name: subprocess.Popen([sys.executable, "-m", "service.train", *overrides, f"cluster.address={dead}",
                                 f"hydra.run.dir={tmp_path / name.replace(' ', '-')}"],

@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
-from pathlib import Path
-
 import pytest
 
 from service.config import Config, ConfigError, validate_config
@@ -17,8 +15,8 @@ from service.data.ingest import IngestConfig
 from service.data.synthetic import SynthConfig
 from service.evaluation.config import EvaluateConfig, validate_evaluate_config
 from service.hydra_app import CONFIG_NAME, compose
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # command -> (primary config, schema, validation)
 HYDRA_COMMANDS = {

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from service.data import storage
 from service.data.checks import DataInputError, check_data_root
 from tests.data.shards import write_dataset
-
-REPO = Path(__file__).resolve().parents[2]
-# No credentials anywhere: no keys, no shared files, no instance metadata probe.
-NO_CREDENTIALS = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
-                  "AWS_CONFIG_FILE": "/nonexistent/config"}
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # closed again on exit: nothing listens there
+from tests.helpers import NO_AWS_CREDENTIALS, REPO, closed_port, without_aws_credentials
 
 
 @pytest.fixture
@@ -32,7 +19,7 @@ def no_aws_env(monkeypatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                  "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
-    for name, value in NO_CREDENTIALS.items():
+    for name, value in NO_AWS_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
 
 
@@ -60,7 +47,7 @@ def test_check_data_root_s3(s3_server, no_aws_env):
     keyless = storage.S3Settings(endpoint=s3_server.endpoint_url)
     with pytest.raises(DataInputError, match="no S3 credentials .*AWS_ACCESS_KEY_ID .*data.s3_access_key"):
         check_data_root(f"s3://{bucket}/ds", keyless)
-    wrong = storage.S3Settings(endpoint=f"http://127.0.0.1:{_closed_port()}", access_key="a", secret_key="b")
+    wrong = storage.S3Settings(endpoint=f"http://127.0.0.1:{closed_port()}", access_key="a", secret_key="b")
     with pytest.raises(DataInputError, match=f"cannot connect to the S3 endpoint {wrong.endpoint} .*data.s3_endpoint"):
         check_data_root(f"s3://{bucket}/ds", wrong)
 
@@ -72,8 +59,7 @@ def _run(args: list[str], env: dict) -> subprocess.Popen:
 
 def test_ingest_cli_edge_errors_are_one_line_without_traceback(s3_server, tmp_path):
     """The cases a new user meets, each as a real `python -m service.ingest` process (run at once)."""
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    base_env.update(NO_CREDENTIALS)
+    base_env = without_aws_credentials()
     keys = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}
     bucket = s3_server.create_bucket()
     s3_server.client().put_object(Bucket=bucket, Key="raw/train/n01440764/a.JPEG", Body=b"x")
@@ -90,7 +76,7 @@ def test_ingest_cli_edge_errors_are_one_line_without_traceback(s3_server, tmp_pa
         "S3 without credentials": ([f"source=s3://{bucket}/raw", f"dest=s3://{bucket}/out", endpoint], {},
                                    "no S3 credentials for s3://"),
         "wrong endpoint": ([f"source=s3://{bucket}/raw", f"dest=s3://{bucket}/out",
-                            f"s3_endpoint=http://127.0.0.1:{_closed_port()}"], keys,
+                            f"s3_endpoint=http://127.0.0.1:{closed_port()}"], keys,
                            "cannot connect to the S3 endpoint http://127.0.0.1:"),
         "missing bucket": (["source=s3://no-such-bucket/raw", f"dest={tmp_path}/out", endpoint], keys,
                            "bucket 'no-such-bucket' does not exist"),

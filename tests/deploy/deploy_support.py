@@ -15,7 +15,8 @@ import jsonschema
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 CHART = REPO / "k8s" / "helm" / "alexnet"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 MINIMAL_VALUES = Path(__file__).with_name("minimal-values.yaml")

@@ -9,16 +9,14 @@ import ast
 import importlib.metadata as metadata
 import re
 import sys
-import tomllib
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, pyproject
+
 SCANNED = ("service", "tests", "bench")
-PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 # Installed first and pinned per build (CPU, cu126, cu130) by the Makefile and the Dockerfiles.
 NOT_LOCKED = {"torch", "torchvision"}
 # Locked distributions `make install` (extra `test`) does not install: the `gpu` extra's NVML
@@ -29,8 +27,9 @@ NOT_INSTALLED_HERE = {"pynvml": "nvidia-ml-py"}
 
 
 def _requirements() -> list[Requirement]:
-    texts = list(PYPROJECT["dependencies"])
-    for extra in PYPROJECT["optional-dependencies"].values():
+    project = pyproject()["project"]
+    texts = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
         texts += extra
     return [Requirement(text) for text in texts]
 

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, pyproject
+
 # name -> (file, base image pattern whose group 1 is the platform, torch index of that platform).
 DOCKERFILES = {
     "cuda": (REPO / "docker" / "Dockerfile", r"rayproject/ray:2\.60\.0-py311-(cu\d+)",
@@ -135,10 +134,6 @@ def pip_installs(instructions: list[Instruction]) -> list[tuple[list[str], list[
                             specs.append(word)
                     found.append((options, specs))
     return found
-
-
-def pyproject() -> dict:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def declared_packages() -> set[str]:

@@ -5,15 +5,14 @@ operator it installs is the one the chart is validated against."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from deploy_support import CHART, CI_VALUES, NAMESPACE, load_values
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DOC = (REPO / "docs" / "kubernetes.md").read_text()
 DEFAULTS = load_values(CHART / "values.yaml")
 

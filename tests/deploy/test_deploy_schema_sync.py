@@ -5,14 +5,13 @@ change on either side fails here instead of at a user's first training job."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from deploy_support import CHART
 from service import config
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TRAINING = json.loads((CHART / "values.schema.json").read_text())["properties"]["training"]["properties"]
 
 
