@@ -94,19 +94,26 @@ def run_until(command: list[str], env: dict, pattern: str, cwd: Path = REPO) -> 
 TINY_DATA_READ = ("data.decode_concurrency=2",)
 
 
-def train_command(data_root: str, storage: str | Path, hydra_dir: Path, *overrides: str,
-                  tracking_uri: str = "", experiment: str = "tests", name: str = "run") -> list[str]:
-    """`python -m service.train experiment=smoke` on `data_root`, checkpoints under
-    `storage` (a folder or s3://), Hydra's output in `hydra_dir`; MLflow at
-    `tracking_uri` with model `<experiment>-model` (tracking off when empty).
-    Later overrides win over earlier ones."""
+def train_overrides(data_root: str, storage: str | Path, *overrides: str, tracking_uri: str = "",
+                    experiment: str = "tests", name: str = "run") -> list[str]:
+    """The overrides of a smoke training on `data_root`: checkpoints under `storage`
+    (a folder or s3://), MLflow at `tracking_uri` with model `<experiment>-model`
+    (tracking off when empty), run `name`. Later overrides win over earlier ones."""
     tracking = (
         [f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}",
          f"tracking.registered_model={experiment}-model"]
         if tracking_uri else ["tracking.enabled=false"]
     )
-    return [sys.executable, "-m", "service.train", "experiment=smoke", f"data.root={data_root}", *tracking,
-            f"storage.path={storage}", f"run.name={name}", f"hydra.run.dir={hydra_dir}", *TINY_DATA_READ, *overrides]
+    return ["experiment=smoke", f"data.root={data_root}", *tracking, f"storage.path={storage}", f"run.name={name}",
+            *TINY_DATA_READ, *overrides]
+
+
+def train_command(data_root: str, storage: str | Path, hydra_dir: Path, *overrides: str,
+                  tracking_uri: str = "", experiment: str = "tests", name: str = "run") -> list[str]:
+    """`python -m service.train` with `train_overrides`, Hydra's output in `hydra_dir`."""
+    return [sys.executable, "-m", "service.train", f"hydra.run.dir={hydra_dir}",
+            *train_overrides(data_root, storage, *overrides, tracking_uri=tracking_uri, experiment=experiment,
+                             name=name)]
 
 
 def without_aws_credentials() -> dict:

@@ -20,24 +20,9 @@ from service.hydra_app import compose
 from service.resume import find_resume_point
 from service.tracking.mlflow_tracker import PARENT_TAG, SWEEP_TAG
 from tests.conftest import TINY_VAL_IMAGES
-from tests.helpers import TINY_DATA_READ, assert_complete_history, wait_until
+from tests.helpers import REPO, assert_complete_history, train_overrides, wait_until
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _overrides(tiny_dataset, mlflow_server, ray_head, storage: Path, experiment: str, name: str) -> list[str]:
-    return [
-        "experiment=smoke",
-        f"data.root={tiny_dataset}",
-        f"tracking.uri={mlflow_server.url}",
-        f"tracking.experiment={experiment}",
-        f"tracking.registered_model={experiment}-model",
-        f"storage.path={storage}",
-        f"cluster.address={ray_head.address}",
-        f"run.name={name}",
-        *TINY_DATA_READ,
-    ]
 
 
 def _runs(client, experiment: str):
@@ -46,7 +31,8 @@ def _runs(client, experiment: str):
 
 
 def test_multirun_sweep_logs_children_under_one_parent(tiny_dataset, mlflow_server, ray_session, tmp_path):
-    base = _overrides(tiny_dataset, mlflow_server, ray_session, tmp_path / "ckpt", "sweep", "ignored")
+    base = train_overrides(tiny_dataset, tmp_path / "ckpt", f"cluster.address={ray_session.address}",
+                           tracking_uri=mlflow_server.url, experiment="sweep")
     overrides = [o for o in base if not o.startswith("run.name")] + [
         "train.max_steps=2",
         "parallel.towers=1",  # what is tested is the runs' nesting: one worker a child is enough
@@ -85,8 +71,8 @@ def test_ray_job_submit_end_to_end_two_replicas_ten_crop(tiny_dataset, mlflow_se
     ray_head = ray_session
     wait_until(_job_agent_registered, 120, "the head's job agent")
     env = {**os.environ, **ray_head.env}
-    overrides = _overrides(tiny_dataset, mlflow_server, ray_head, tmp_path / "ckpt", "jobs", "job-smoke")
-    overrides = [o for o in overrides if not o.startswith("cluster.address")]
+    overrides = train_overrides(tiny_dataset, tmp_path / "ckpt", tracking_uri=mlflow_server.url, experiment="jobs",
+                                name="job-smoke")
     # Half a logical CPU a worker: the 4 workers and their 4 lanes' read tasks fit the
     # session cluster's 6, so nothing queues for a CPU (the job would say it waits).
     overrides += ["parallel.replicas=2", "data.eval_crops=10", "cluster.cpus_per_worker=0.5"]
