@@ -13,8 +13,10 @@ import re
 
 import mlflow
 import pytest
+import torch
 
 from service.config import TrainConfig
+from service.tracking.registry import fetch_model_files
 from tests.conftest import checkpoint_progress
 from tests.helpers import assert_complete_history
 
@@ -49,16 +51,27 @@ def test_the_run_records_every_step_once_figures_and_node_system_metrics(trained
     assert any(key.startswith("system/node0/cpu_utilization") for key in system), system
 
 
-def test_registered_versions_and_the_best_alias(trained_run):
+def test_registered_versions_and_the_best_alias(trained_run, tmp_path):
     client = mlflow.MlflowClient(trained_run.tracking_uri)
     versions = client.search_model_versions(f"name='{trained_run.model_name}'")
     assert sorted(v.version for v in versions) == ["1", "2"]  # the best of each part of the run
     assert {v.run_id for v in versions} == {trained_run.run_id}
     errors = {int(v.version): float(v.tags["val_top1_error"]) for v in versions}  # the tag: 6 decimals
     logged = {m.step: m.value for m in client.get_metric_history(trained_run.run_id, "val_top1_error")}
-    # Part one registers its only checkpoint (epoch 1); part two the best of those kept (epochs 1 and 2).
-    assert errors[1] == pytest.approx(logged[STEPS_PER_EPOCH], abs=1e-6)
-    assert errors[2] == pytest.approx(min(logged.values()), abs=1e-6)
+    # What each version holds: the checkpoint it was made from (its card's provenance) and its weights.
+    held = {v: fetch_model_files(f"models:/{trained_run.model_name}/{v}", trained_run.tracking_uri,
+                                 str(tmp_path / f"v{v}"))[:2] for v in errors}
+    steps = {v: card.provenance["step"] for v, (card, _state) in held.items()}
+    # Part one registers its only evaluated checkpoint (epoch 1); part two the best of those kept
+    # (epochs 1 and 2). Each version's tag is the error logged at the step its weights come from.
+    assert steps[1] == STEPS_PER_EPOCH and steps[2] in logged, steps
+    assert logged[steps[2]] == min(logged.values()), (steps, logged)
+    for version, step in steps.items():
+        assert errors[version] == pytest.approx(logged[step], abs=1e-6), (version, step, errors, logged)
+    # Versions from different checkpoints are different models (not the same weights twice).
+    (_, first), (_, second) = held[1], held[2]
+    same = all(torch.equal(first[name], second[name]) for name in first)
+    assert same == (steps[1] == steps[2]), steps
     best = client.get_model_version_by_alias(trained_run.model_name, "best")
     lowest = min(errors.values())  # a tie goes to the newer version
     assert int(best.version) == max(v for v, error in errors.items() if error == lowest), errors
