@@ -178,6 +178,18 @@ def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
+def declared_requirements() -> list:
+    """Every requirement pyproject.toml declares (dependencies and all optional extras),
+    as `packaging` Requirements."""
+    from packaging.requirements import Requirement
+
+    project = pyproject()["project"]
+    texts = list(project.get("dependencies", []))
+    for extra in project.get("optional-dependencies", {}).values():
+        texts += extra
+    return [Requirement(text) for text in texts]
+
+
 def skip_or_fail_in_ci(reason: str) -> None:
     """Skip on a developer machine that lacks something; fail under CI=true,
     where .ci/run guarantees it exists (a skip there would hide a broken setup)."""

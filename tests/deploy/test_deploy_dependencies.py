@@ -14,7 +14,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.helpers import REPO, pyproject
+from tests.helpers import REPO, declared_requirements
 
 SCANNED = ("service", "tests", "bench")
 # Installed first and pinned per build (CPU, cu126, cu130) by the Makefile and the Dockerfiles.
@@ -24,14 +24,6 @@ NOT_LOCKED = {"torch", "torchvision"}
 LOCKED_NOT_INSTALLED = ("nvidia-ml-py", "nvidia-nvjpeg-cu12", "flask-wtf", "wtforms")
 # Import names of declared distributions that may not be installed here (the `gpu` extra).
 NOT_INSTALLED_HERE = {"pynvml": "nvidia-ml-py"}
-
-
-def _requirements() -> list[Requirement]:
-    project = pyproject()["project"]
-    texts = list(project["dependencies"])
-    for extra in project["optional-dependencies"].values():
-        texts += extra
-    return [Requirement(text) for text in texts]
 
 
 def _locked() -> dict[str, tuple[str, str]]:
@@ -75,7 +67,7 @@ def _local_modules() -> set[str]:
 
 
 def test_every_import_is_a_declared_dependency():
-    declared = {canonicalize_name(r.name) for r in _requirements()}
+    declared = {canonicalize_name(r.name) for r in declared_requirements()}
     distributions = metadata.packages_distributions()
     local = _local_modules()
     undeclared = {}
@@ -92,7 +84,7 @@ def test_the_lock_pins_every_declared_dependency_within_its_bounds():
     pins = _locked()
     assert not NOT_LOCKED & set(pins), f"{NOT_LOCKED} are pinned per build, not in constraints.txt"
     problems = []
-    for requirement in _requirements():
+    for requirement in declared_requirements():
         name = canonicalize_name(requirement.name)
         if name in NOT_LOCKED or (requirement.marker and not requirement.marker.evaluate()):
             continue
@@ -122,7 +114,7 @@ def test_this_environment_is_the_locked_one():
 def test_torch_versions_are_the_tested_ones():
     """torch's bounds name the tested releases (2.13 here, 2.11 on the GPU machine), and torchvision's
     match them release for release (0.26 = 2.11 ... 0.28 = 2.13)."""
-    bounds = {canonicalize_name(r.name): r.specifier for r in _requirements()}
+    bounds = {canonicalize_name(r.name): r.specifier for r in declared_requirements()}
     assert bounds["torch"].contains("2.13.0") and bounds["torch"].contains("2.11.0")
     assert not bounds["torch"].contains("2.14.0"), "an untested torch release line is allowed"
     assert bounds["torch"].contains(metadata.version("torch").split("+")[0])

@@ -13,7 +13,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.helpers import REPO, pyproject
+from tests.helpers import REPO, declared_requirements, pyproject
 
 # name -> (file, base image pattern whose group 1 is the platform, torch index of that platform).
 DOCKERFILES = {
@@ -136,15 +136,6 @@ def pip_installs(instructions: list[Instruction]) -> list[tuple[list[str], list[
     return found
 
 
-def declared_packages() -> set[str]:
-    """Every distribution pyproject.toml declares: dependencies and all optional extras."""
-    project = pyproject()["project"]
-    requirements = list(project.get("dependencies", []))
-    for extra in project.get("optional-dependencies", {}).values():
-        requirements += extra
-    return {canonicalize_name(Requirement(r).name) for r in requirements}
-
-
 @pytest.fixture(params=sorted(DOCKERFILES), ids=lambda name: name)
 def dockerfile(request):
     path, base, torch_index = DOCKERFILES[request.param]
@@ -238,7 +229,7 @@ def test_pip_installs_only_declared_packages(dockerfile):
     instructions, _, _ = dockerfile
     installs = pip_installs(instructions)
     assert installs, "the image installs nothing"
-    declared = declared_packages()
+    declared = {canonicalize_name(r.name) for r in declared_requirements()}
     extras = set(pyproject()["project"].get("optional-dependencies", {}))
     saw_project, saw_torch = False, False
     for options, specs in installs:
