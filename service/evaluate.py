@@ -25,6 +25,7 @@ from service.evaluation.config import EvaluateConfig, validate_evaluate_config
 from service.evaluation.inference import plan_resources, run_inference, validation_dataset
 from service.evaluation.model_source import check_fits_dataset, load_model_to_evaluate
 from service.evaluation.report import format_report, per_class_csv, summarize
+from service.progress import ProgressPrinter
 
 CONFIG_NAME = "evaluate"
 
@@ -32,23 +33,6 @@ CONFIG_NAME = "evaluate"
 def say(message: str) -> None:
     """One progress line."""
     print(f"[eval] {message}", flush=True)
-
-
-class ProgressPrinter:
-    """A progress line at most every `every_s` seconds (and at the end)."""
-
-    def __init__(self, total: int, every_s: float = 5.0):
-        self.total, self.every_s, self.last, self.shown = total, every_s, -1e9, -1
-
-    def __call__(self, done: int, elapsed_s: float, final: bool = False) -> None:
-        due = elapsed_s - self.last >= self.every_s or done >= self.total or final
-        if not due or done == self.shown:
-            return
-        self.last, self.shown = elapsed_s, done
-        rate = done / max(elapsed_s, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        say(f"{done}/{self.total} images ({100 * done / max(1, self.total):.0f}%), {rate:.0f} img/s, "
-            f"ETA {eta:.0f} s")
 
 
 def _resolved_data(cfg: EvaluateConfig):
@@ -90,7 +74,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     say(f"data: {data_cfg.root}: {meta.num_val} validation images, {meta.num_classes} classes; shorter side "
         f"{resize_size}, {crops} of {model.spec.image_size}; {actors} model actor(s), "
         f"{data_cfg.decode_concurrency} decode task(s)")
-    progress = ProgressPrinter(meta.num_val)
+    progress = ProgressPrinter(meta.num_val, say, unit="images")
     tally, seconds = run_inference(model.spec, model.state, mean, std, val, meta.num_classes, cfg.eval, actors,
                                    progress)
     progress(tally.count, seconds, final=True)

@@ -42,6 +42,7 @@ from service.data import formats, readers, storage
 from service.data.checks import check_ingest_dest, check_ingest_source
 from service.data.meta import META_FILE, REPORT_FILE, SHARDS_DIR, DatasetMeta, save_meta
 from service.data.options import LAYOUTS, S3Keys
+from service.progress import ProgressPrinter
 
 STAGING_DIR = "_staging"
 
@@ -279,10 +280,11 @@ def run_ingest(cfg: IngestConfig, log=print) -> dict:
             log(f"ingest: {cfg.dest} already holds a complete ingest of this source; skipping (force=true re-ingests)")
             return report
     if not ray.is_initialized():
-        from service.ray_cluster import quiet_ray_start
+        # The cluster in RAY_ADDRESS, else a local one; Ray's console chatter stays
+        # off as for training (ALEXNET_RAY_VERBOSE=1 brings it back).
+        from service.ray_cluster import connect
 
-        quiet_ray_start()
-        ray.init()
+        connect()
     _index_tars(listing, s3, cfg.num_cpus_per_task)
     labels = {w: i for i, w in enumerate(listing.wnids)}
     units = _make_units(listing.items, cfg)
@@ -303,8 +305,13 @@ def run_ingest(cfg: IngestConfig, log=print) -> dict:
     if units:
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
         ds = ds.map_batches(process, batch_size=1, num_cpus=cfg.num_cpus_per_task)
+        # A line every 10 s: a full ImageNet ingest runs for hours, shard by shard.
+        progress = ProgressPrinter(sum(len(u["items"]) for u in units), lambda line: log(f"ingest: {line}"),
+                                   unit="inputs", every_s=10.0)
+        decoding = time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             outcomes.extend(json.loads(text) for text in batch["outcome"])
+            progress(len(outcomes), time.time() - decoding)
 
     stats = formats.PixelStats()
     shard_rows: dict[str, Counter] = {"train": Counter(), "val": Counter()}

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,7 +16,8 @@ from PIL import Image
 
 from service.data import storage
 from service.data.ingest import IngestConfig, run_ingest
-from service.data.meta import load_meta
+from service.data.meta import REPORT_FILE, load_meta
+from tests.helpers import REPO, ray_env
 
 pytestmark = pytest.mark.integration
 
@@ -24,10 +30,28 @@ def _shard_rows(root: str, split: str) -> list[dict]:
     return rows
 
 
+def _ingest_command_line(ray_session, raw: str, dest: str) -> dict:
+    """`python -m service.ingest` as a user runs it, joining the session's cluster: its
+    console is the service's own lines (progress included), no Ray or MLflow chatter."""
+    command = [sys.executable, "-m", "service.ingest", f"source={raw}", f"dest={dest}", "resize_size=40",
+               "shard_size=7"]
+    result = subprocess.run(command, cwd=REPO, env=ray_env(ray_session), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    assert lines and all(line.startswith("ingest: ") for line in lines), lines
+    assert any(re.fullmatch(r"ingest: (\d+)/\1 inputs \(100%\), \d+ inputs/s, ETA 0 s", line) for line in lines), lines
+    assert lines[-1].startswith("ingest: done in "), lines
+    return json.loads(Path(dest, REPORT_FILE).read_text())
+
+
 @pytest.mark.parametrize("layout", ["imagefolder", "kaggle", "ilsvrc-tars"])
 def test_ingest_every_layout_with_bad_inputs(ray_local, synth_dataset, tmp_path, layout):
     raw, manifest = synth_dataset(layout, bad_inputs=True)
-    report = run_ingest(IngestConfig(source=raw, dest=str(tmp_path), resize_size=40, shard_size=7))
+    if layout == "kaggle":  # one layout through the command line
+        report = _ingest_command_line(ray_local, raw, str(tmp_path))
+    else:
+        report = run_ingest(IngestConfig(source=raw, dest=str(tmp_path), resize_size=40, shard_size=7))
     counts = report["counts"]
     # Nothing dropped silently: every input is written or quarantined, with a reason.
     assert counts["input"] == manifest["num_inputs"] == counts["written"] + counts["quarantined"]
