@@ -111,9 +111,9 @@ def train_overrides(data_root: str, storage: str | Path, *overrides: str, tracki
 def train_command(data_root: str, storage: str | Path, hydra_dir: Path, *overrides: str,
                   tracking_uri: str = "", experiment: str = "tests", name: str = "run") -> list[str]:
     """`python -m service.train` with `train_overrides`, Hydra's output in `hydra_dir`."""
-    return [sys.executable, "-m", "service.train", f"hydra.run.dir={hydra_dir}",
-            *train_overrides(data_root, storage, *overrides, tracking_uri=tracking_uri, experiment=experiment,
-                             name=name)]
+    return [sys.executable, "-m", "service.train",
+            *train_overrides(data_root, storage, f"hydra.run.dir={hydra_dir}", *overrides, tracking_uri=tracking_uri,
+                             experiment=experiment, name=name)]
 
 
 def without_aws_credentials() -> dict:
