@@ -6,6 +6,7 @@ import json
 import statistics
 import subprocess
 import sys
+
 import pytest
 
 from bench.gpu_bench import DRY_SHAPE, device_peaks, plan_rows

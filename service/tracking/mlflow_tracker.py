@@ -53,6 +53,7 @@ def resolve_tracking_uri(uri: str) -> str:
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     return uri
 
+
 # MLflow 3's UI opens in its GenAI mode in a fresh browser (GenAI sidebar; an
 # experiment's bare page is the traces overview), whatever the experiment's kind
 # tag says. This query selects its "Model training" mode: the runs table, models
