@@ -37,7 +37,7 @@ export DO_NOT_TRACK := true
 help:
 	@echo "make demo      - generate data, train the small 2-tower AlexNet on local Ray, log to MLflow"
 	@echo "make test      - the test suite (unit, multi-process, Ray/MLflow/S3 integration, Helm), without \`slow\`"
-	@echo "make test-slow - the tests marked slow (more learning-curve seeds, Inductor compiles); CI runs both"
+	@echo "make test-slow - the tests marked slow (more learning-curve seeds, the 4x2 tower layout, Inductor compiles); CI runs both"
 	@echo "make test-fast - the inner loop: no Ray, no servers, nothing slow"
 	@echo "make bench     - CPU benchmarks: towers vs reference, input pipeline, planning at scale, 90-epoch projection"
 	@echo "make bench-gpu - the GPU benchmark (bench/gpu.sh; on a machine with a CUDA GPU)"

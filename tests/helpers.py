@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-__all__ = ["IN_CI", "NO_AWS_CREDENTIALS", "REPO", "VENV_BIN", "assert_complete_history", "assert_no_secret", "closed_port", "free_port", "http_ok",
+__all__ = ["IN_CI", "NO_AWS_CREDENTIALS", "REPO", "STEP_KEYS", "VENV_BIN", "assert_complete_history", "assert_no_secret", "closed_port", "free_port", "http_ok",
            "lines_until", "pyproject", "ray_env", "run_until", "skip_or_fail_in_ci", "the_run", "TINY_DATA_READ", "train_command", "train_worker_pids",
            "wait_until", "without_aws_credentials"]
 
@@ -92,6 +92,9 @@ def run_until(command: list[str], env: dict, pattern: str, cwd: Path = REPO) -> 
 # further task is a cold Ray worker process (~1-2 s each on 2 cores, measured:
 # a smoke run 23.4 s with the automatic 4, 18.1-18.8 s with this).
 TINY_DATA_READ = ("data.decode_concurrency=2",)
+
+# What the training loop reports to MLflow at each logged step.
+STEP_KEYS = ("loss", "lr", "images_per_s", "data_wait_s", "epoch")
 
 
 def train_overrides(data_root: str, storage: str | Path, *overrides: str, tracking_uri: str = "",

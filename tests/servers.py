@@ -112,15 +112,22 @@ def _kill_session(temp_dir: str, gcs_port: int) -> None:
                 victims.extend(proc.children(recursive=True))  # workers retitle themselves
             except psutil.NoSuchProcess:
                 pass
-    for proc in victims:
+    # A test cluster: no clean exit to wait for. Most processes are gone within a second of
+    # SIGTERM; the ones that are not (a Python worker finishing a task) took the full 5 s this
+    # used to wait, twice per run.
+    terminate(victims, timeout_s=1)
+
+
+def terminate(processes: list, timeout_s: float) -> None:
+    """SIGTERM each of `processes` (psutil.Process), SIGKILL those still alive after `timeout_s`."""
+    import psutil
+
+    for proc in processes:
         try:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    # A test cluster: no clean exit to wait for. Most processes are gone within a second of
-    # SIGTERM; the ones that are not (a Python worker finishing a task) took the full 5 s this
-    # used to wait, twice per run.
-    _, alive = psutil.wait_procs(victims, timeout=1)
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
     for proc in alive:
         try:
             proc.kill()

@@ -15,7 +15,8 @@ data.decode=device (JPEG bytes and augmentation parameters to the towers,
 decoded there by nvImageCodec, on its CPU backend here), so the equal final
 weights prove that path's exact resume through the real service.
 
-A damaged shard met by the real job: named, or skipped saying which.
+A damaged shard met by the real job: named, or skipped saying which; the job
+that skips it also loses its MLflow server for good, and no point is lost.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -34,8 +36,8 @@ import torch
 
 from service.train.checkpoint import load_reference_state
 from tests.helpers import (
-    REPO, assert_complete_history, assert_no_secret, lines_until, ray_env, run_until, the_run, train_command,
-    train_worker_pids,
+    REPO, STEP_KEYS, assert_complete_history, assert_no_secret, lines_until, ray_env, run_until, the_run,
+    train_command, train_worker_pids,
 )
 from tests.plain_training import train_without_ray
 
@@ -157,30 +159,77 @@ def test_a_run_interrupted_four_ways_ends_like_an_uninterrupted_one(tiny_dataset
     _assert_no_secret(client, run, storage, tmp_path)
 
 
-def test_a_bad_shard_met_in_training_stops_naming_it_or_is_skipped_saying_which(tiny_dataset, ray_session,
-                                                                                tmp_path):
-    """The tiny dataset with its train shard 2 cut in half (a partial upload), by
-    the real job: it stops with an error naming the shard; with
-    data.skip_bad_shards=true it trains, saying which shard it skipped."""
-    root = tmp_path / "damaged"
+def _damaged_copy(tiny_dataset, folder: Path) -> tuple[Path, Path]:
+    """A copy of the tiny dataset with its train shard 2 cut in half (a partial upload)."""
+    root = folder / "damaged"
     shutil.copytree(tiny_dataset, root, ignore=shutil.ignore_patterns("raw"))
     shard = root / json.loads((root / "meta.json").read_text())["shards"]["train"][2]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    env = ray_env(ray_session)
-    # One tower each: the shard is met by the reading, whatever the layout.
+    return root, shard
+
+
+def test_a_bad_shard_is_named_or_skipped_and_mlflow_gone_for_good_loses_no_point(tiny_dataset, mlflow_outage,
+                                                                                 ray_session, tmp_path):
+    """Two jobs side by side on the tiny dataset with a damaged train shard (one
+    tower each: the shard is met by the reading, whatever the layout):
+    - without data.skip_bad_shards, the job stops with an error naming the shard;
+    - with data.skip_bad_shards=true, the job trains, saying which shard it skipped,
+      and meets a second, independent fault: the MLflow server stopped at step 3, for
+      good. The job still ends normally once its end-of-job wait
+      (`tracking.close_timeout_s`, here 1 s) is over, says how many points it could not
+      send and writes them to the spill file, which `python -m service.tracking.resend`
+      delivers (twice: nothing doubles).
+    (Two faults in one job: a job start is most of the cost of either proof.)"""
+    server, env = mlflow_outage, ray_env(ray_session)
+    root, shard = _damaged_copy(tiny_dataset, tmp_path)
     stopping = subprocess.Popen(train_command(str(root), tmp_path / "ckpt", tmp_path / "hydra-1",
                                               "parallel.towers=1", name="stops"),
                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    skipping = subprocess.Popen(train_command(str(root), tmp_path / "ckpt", tmp_path / "hydra-2",
-                                              "parallel.towers=1", "data.skip_bad_shards=true", name="skips"),
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = stopping.communicate(timeout=600)
+    try:
+        skipping = train_command(
+            str(root), tmp_path / "ckpt", tmp_path / "hydra-2", "parallel.towers=1", "data.skip_bad_shards=true",
+            "train.epochs=1", "train.batch_size=16", "train.log_every_steps=1", "train.checkpoint_every_steps=2",
+            "tracking.system_metrics=false", "tracking.log_model=false", "tracking.close_timeout_s=1",
+            tracking_uri=server.url, experiment="outage", name="gone",
+        )
+        process, lines = run_until(skipping, env, r"epoch 1/1 step 3/")
+        try:
+            server.stop()
+            lines.extend(process.stdout)
+            returncode = process.wait(timeout=600)
+        finally:
+            process.kill()
+        out, err = stopping.communicate(timeout=600)
+    finally:
+        stopping.kill()
     assert stopping.returncode == 1, out[-2000:] + err[-3000:]
     (said,) = [line for line in err.splitlines() if line.startswith("error: training failed:")]
     assert f"bad shard {shard}: " in said and "data.skip_bad_shards=true" in said, said
-    out, err = skipping.communicate(timeout=600)
-    assert skipping.returncode == 0, out[-2000:] + err[-3000:]
+
+    output = "".join(lines)
+    assert returncode == 0, output[-4000:]
     assert re.search(rf"\[data\] replica 0 tower \d: skipped unreadable train shard {re.escape(str(shard))} ",
-                     out + err), out[-3000:]
-    assert "=== run finished ===" in out
+                     output), output[-3000:]
+    assert "=== run finished ===" in output
+    _assert_spilled_and_resent(server, lines, tmp_path / "ckpt" / "gone")
+
+
+def _assert_spilled_and_resent(server, lines: list[str], run_folder: Path) -> None:
+    """MLflow gone for good: the unsent points named on the console, in the spill file, and
+    delivered by `python -m service.tracking.resend` once the server is back (twice: nothing doubles)."""
+    (said,) = [line for line in lines if "metric points and" in line and "were not sent; written under" in line]
+    unsent = int(said.split("[mlflow] ")[1].split()[0])
+    (spill_file,) = run_folder.glob("unsent_metrics-*.jsonl")
+    assert str(spill_file.parent) in said and "python -m service.tracking.resend" in said
+    records = [json.loads(line) for line in spill_file.read_text().splitlines() if '"key"' in line]
+    assert len(records) == unsent and max(r["step"] for r in records) == STEPS_PER_EPOCH
+
+    server.start()
+    command = [sys.executable, "-m", "service.tracking.resend", server.url, str(spill_file)]
+    for _ in range(2):  # safe to repeat: the second time adds nothing
+        sent = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0 and f"{unsent} points sent" in sent.stdout, sent.stderr[-2000:]
+    client = mlflow.MlflowClient(server.url)
+    assert_complete_history(client, the_run(client, "outage", "gone").info.run_id, STEP_KEYS, STEPS_PER_EPOCH,
+                            every=1, val_steps=[STEPS_PER_EPOCH])

@@ -1,15 +1,13 @@
-"""Placement you can trust: on a real two-node Ray cluster (a head and a
-second `ray start --address` node on this machine, 3 CPUs each, workers of 2
-CPUs: one tower worker fits per node), a replica's two towers land on
-different nodes. The job must stop naming both nodes, or, with
+"""Placement you can trust: on a real two-node Ray cluster (the session's
+head, 6 CPUs, and a second `ray start --address` node of 4 on this machine;
+workers of 4 CPUs: one tower worker fits per node), a replica's two towers
+land on different nodes. The job must stop naming both nodes, or, with
 parallel.allow_cross_node_towers=true, warn and train."""
 
 from __future__ import annotations
 
 import re
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import pytest
 from service.parallel.layout import ParallelLayout
 from service.parallel.placement import describe_split, split_replicas
 from tests.helpers import REPO, VENV_BIN, free_port, ray_env, train_command, wait_until
-from tests.servers import start_ray_head
+from tests.servers import terminate
 
 
 def test_split_replicas_names_the_nodes_of_each_split_replica():
@@ -51,37 +49,55 @@ def test_a_cluster_too_small_for_the_job_is_named_with_what_it_needs(ray_session
     assert "2 GPUs (one per tower worker) but the cluster has 0" in said and "CPUs" not in said, said
 
 
+SECOND_NODE_CPUS = CPUS_PER_WORKER = 4  # the session head has 6: one tower worker fits per node
+
+
 @pytest.fixture(scope="module")
-def two_nodes():
-    """A head and a second node of 3 logical CPUs each, on 127.0.0.1."""
-    folder = tempfile.mkdtemp(prefix="rp", dir="/tmp")
-    head = start_ray_head(folder, num_cpus=3)
-    env = dict(head.env)
+def two_nodes(ray_session):
+    """The session cluster with a second node (`ray start --address`, 4 logical CPUs, on
+    127.0.0.1) for this module's tests. The node leaves when the module ends (its raylet
+    and what it started, stopped by PID), so the rest of the run has the session cluster
+    as it was; one cluster start fewer than a two-node cluster of its own."""
+    head = ray_session
+    before = _node_ids()
+    manager_port = free_port()
+    result = subprocess.run(
+        [str(VENV_BIN / "ray"), "start", "--address", head.address, "--node-ip-address", "127.0.0.1",
+         "--num-cpus", str(SECOND_NODE_CPUS), "--temp-dir", head.temp_dir, "--disable-usage-stats",
+         "--node-manager-port", str(manager_port), "--dashboard-agent-listen-port", str(free_port())],
+        env=head.env, capture_output=True, text=True, timeout=180,
+    )
     try:
-        result = subprocess.run(
-            [str(VENV_BIN / "ray"), "start", "--address", head.address, "--node-ip-address", "127.0.0.1",
-             "--num-cpus", "3", "--temp-dir", folder, "--disable-usage-stats",
-             "--dashboard-agent-listen-port", str(free_port())],
-            env=env, capture_output=True, text=True, timeout=180,
-        )
         assert result.returncode == 0, result.stdout + result.stderr
-        wait_until(lambda: len(_node_ids(head)) == 2, 120, "the second Ray node")
+        wait_until(lambda: len(_node_ids()) == len(before) + 1, 120, "the second Ray node")
         yield head
     finally:
-        head.stop()
+        _stop_node(manager_port)
+        wait_until(lambda: _node_ids() == before, 120, "the second node to leave the cluster")
 
 
-def _node_ids(head) -> list[str]:
-    """The ids of the cluster's live nodes (asked from another process: this one is the session cluster's driver)."""
-    command = [sys.executable, "-c", "import ray; ray.init(address='%s'); "
-               "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))" % head.address]
-    out = subprocess.run(command, env=head.env, capture_output=True, text=True, timeout=60).stdout.strip()
-    return out.splitlines()[-1].split() if out else []
+def _node_ids() -> list[str]:
+    """The ids of the session cluster's live nodes (this process is one of its drivers)."""
+    import ray
+
+    return sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
+
+
+def _stop_node(manager_port: int) -> None:
+    """SIGTERM the raylet listening on `manager_port` and every process it started (the
+    node's agents and workers): it tells the cluster it is leaving, as `ray stop` would
+    there, without touching the head's processes."""
+    import psutil
+
+    flag = f"--node_manager_port={manager_port}"
+    raylets = [p for p in psutil.process_iter(["cmdline"]) if flag in (p.info["cmdline"] or [])]
+    terminate([*raylets, *(child for raylet in raylets for child in raylet.children(recursive=True))], timeout_s=10)
 
 
 def _train(head, tiny_dataset, tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    command = train_command(tiny_dataset, tmp_path / "ckpt", tmp_path / "hydra", "cluster.cpus_per_worker=2",
-                            "data.decode_concurrency=1", "train.max_steps=2", *extra, name=name)
+    command = train_command(tiny_dataset, tmp_path / "ckpt", tmp_path / "hydra",
+                            f"cluster.cpus_per_worker={CPUS_PER_WORKER}", "data.decode_concurrency=1",
+                            "train.max_steps=2", *extra, name=name)
     return subprocess.run(command, cwd=REPO, env=ray_env(head), capture_output=True, text=True, timeout=600)
 
 
@@ -93,7 +109,7 @@ def test_towers_split_over_two_nodes_stop_the_job_naming_the_nodes(two_nodes, ti
     # Each node named by the start of its id (and its address): the two nodes of the cluster.
     nodes = re.search(r"replica 0: towers 0 on (\w+) \([^)]*\), 1 on (\w+) \(", output)
     assert nodes, output[-3000:]
-    assert sorted(nodes.groups()) == sorted(node[:12] for node in _node_ids(two_nodes)), output[-3000:]
+    assert sorted(nodes.groups()) == sorted(node[:12] for node in _node_ids()), output[-3000:]
 
 
 def test_cross_node_towers_allowed_explicitly_train_with_a_warning(two_nodes, tiny_dataset, tmp_path):
