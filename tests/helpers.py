@@ -88,10 +88,11 @@ def run_until(command: list[str], env: dict, pattern: str, cwd: Path = REPO) -> 
         raise
 
 
-# One read task per tower's lane: ~80 tiny images a lane need no more, and every
-# further task is a cold Ray worker process (~1-2 s each on 2 cores, measured:
-# a smoke run 23.4 s with the automatic 4, 18.1-18.8 s with this).
-TINY_DATA_READ = ("data.decode_concurrency=2",)
+# One read task per tower's lane (the job gives each lane at least one): ~80 tiny
+# images a lane need no more, and every further task is a cold Ray worker process
+# (~1-2 s each on 2 cores, measured: a smoke run 23.4 s with the automatic 4,
+# 18.1-18.8 s with one a lane). With 2 (the value before), a one-tower job had two.
+TINY_DATA_READ = ("data.decode_concurrency=1",)
 
 # What the training loop reports to MLflow at each logged step.
 STEP_KEYS = ("loss", "lr", "images_per_s", "data_wait_s", "epoch")
