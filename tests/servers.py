@@ -160,16 +160,27 @@ def start_ray_head(temp_dir: str, num_cpus: int = 6) -> RayHead:
     return head
 
 
-def _start_http_server(command: list[str], env: dict, log_path: Path, ready_path: str, port: int,
-                       what: str) -> subprocess.Popen:
-    """Start `command` in a process group of its own; poll http://127.0.0.1:<port><ready_path>."""
-    process = subprocess.Popen(command, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
+def _launch_http_server(command: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    """Start `command` in a process group of its own, its console to `log_path`; do not wait."""
+    return subprocess.Popen(command, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _await_http_server(process: subprocess.Popen, log_path: Path, ready_path: str, port: int, what: str) -> None:
+    """Poll http://127.0.0.1:<port><ready_path> until it answers; stop the server and fail with
+    its log's end if it exits or does not answer in time."""
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}{ready_path}"), 180, what, process)
     except Exception:
         stop_group(process)
         raise RuntimeError(f"{what} did not start:\n{log_path.read_text()[-3000:]}")
+
+
+def _start_http_server(command: list[str], env: dict, log_path: Path, ready_path: str, port: int,
+                       what: str) -> subprocess.Popen:
+    """Start `command` in a process group of its own; poll http://127.0.0.1:<port><ready_path>."""
+    process = _launch_http_server(command, env, log_path)
+    _await_http_server(process, log_path, ready_path, port, what)
     return process
 
 
@@ -228,20 +239,31 @@ def start_mlflow_server(folder: Path, backend_store_uri: str | None = None, work
 class ModelServer:
     url: str
     process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    def wait_ready(self) -> "ModelServer":
+        """Return once it answers /ping (or fail with its log's end)."""
+        _await_http_server(self.process, self.log_path, "/ping", self.port, "mlflow models serve")
+        return self
 
     def stop(self) -> None:
         stop_group(self.process)
 
 
-def start_model_server(model_uri: str, tracking_uri: str, folder: Path) -> ModelServer:
+def launch_model_server(model_uri: str, tracking_uri: str, folder: Path) -> ModelServer:
     """`mlflow models serve -m <model_uri> --env-manager local` on 127.0.0.1 (the
-    command `make serve` runs), with this venv's `service` package importable."""
+    command `make serve` runs), with this venv's `service` package importable.
+    Returns at once: call `wait_ready()` before using it. (A start is mostly one
+    process importing MLflow and torch on one core: two servers launched side by
+    side are ready sooner than one after the other.)"""
     port = free_port()
     command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
                "--host", "127.0.0.1", "--port", str(port)]
     env = {**quiet_env(), "MLFLOW_TRACKING_URI": tracking_uri}
-    process = _start_http_server(command, env, folder / "model-server.log", "/ping", port, "mlflow models serve")
-    return ModelServer(f"http://127.0.0.1:{port}", process)
+    log_path = folder / "model-server.log"
+    process = _launch_http_server(command, env, log_path)
+    return ModelServer(f"http://127.0.0.1:{port}", process, port, log_path)
 
 
 @dataclass

@@ -111,16 +111,31 @@ def _provenance(trained_run, model_uri: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model_server(trained_run, tmp_path_factory):
-    """`mlflow models serve -m models:/alexnet@best` of the session's trained run (what `make serve` runs)."""
-    from tests.servers import start_model_server
+def model_servers(trained_run, ten_crop_model, tmp_path_factory):
+    """The module's two served models, `mlflow models serve` each (what `make serve` runs),
+    started side by side: "best", the session's trained run as `models:/alexnet@best`, and
+    "ten-crop" (see `ten_crop_model`)."""
+    from tests.servers import launch_model_server
 
-    server = start_model_server(f"models:/{trained_run.model_name}@best", trained_run.tracking_uri,
-                                tmp_path_factory.mktemp("serving"))
+    servers = {
+        "best": launch_model_server(f"models:/{trained_run.model_name}@best", trained_run.tracking_uri,
+                                    tmp_path_factory.mktemp("serving")),
+        "ten-crop": launch_model_server(ten_crop_model[0], trained_run.tracking_uri,
+                                        tmp_path_factory.mktemp("serving-ten-crop")),
+    }
     try:
-        yield server
+        for server in servers.values():
+            server.wait_ready()
+        yield servers
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def model_server(model_servers):
+    """`mlflow models serve -m models:/alexnet@best` of the session's trained run."""
+    return model_servers["best"]
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict, str]:
@@ -238,30 +253,31 @@ def test_registered_version_carries_weights_for_fine_tuning(trained_run, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def ten_crop_server(trained_run, s3_server, tmp_path_factory):
+def ten_crop_model(trained_run, s3_server, tmp_path_factory):
     """The trained run's last checkpoint, registered by `log_trained_model` as a
-    10-crop model (what data.eval_crops=10 registers) in a run of its own, and served."""
+    10-crop model (what data.eval_crops=10 registers) in a run of its own:
+    (its models:/ URI, the checkpoint folder)."""
     from service.config import TrackingConfig
     from service.data.meta import load_meta
     from service.tracking.mlflow_tracker import finish_run, open_run
     from service.tracking.registry import log_trained_model
-    from tests.servers import start_model_server
 
     from tests.conftest import download_checkpoint
 
-    folder = tmp_path_factory.mktemp("ten-crop")
-    checkpoint = folder / "checkpoint"
+    checkpoint = tmp_path_factory.mktemp("ten-crop") / "checkpoint"
     download_checkpoint(trained_run.checkpoints[-1], s3_server, checkpoint)
     meta = load_meta(trained_run.data_root)
     tracking = TrackingConfig(uri=trained_run.tracking_uri, experiment="serving", registered_model="ten-crop")
     handle = open_run(tracking, "ten-crop", {"model": {"name": "alexnet_small"}})
     version = log_trained_model(handle, str(checkpoint), meta, tracking, resize_size=meta.resize_size, crops=10)
     finish_run(handle)
-    server = start_model_server(f"models:/ten-crop/{version}", trained_run.tracking_uri, folder)
-    try:
-        yield server, checkpoint
-    finally:
-        server.stop()
+    return f"models:/ten-crop/{version}", checkpoint
+
+
+@pytest.fixture(scope="module")
+def ten_crop_server(model_servers, ten_crop_model):
+    """The 10-crop model served, and its checkpoint folder."""
+    return model_servers["ten-crop"], ten_crop_model[1]
 
 
 @pytest.mark.integration
