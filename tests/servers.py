@@ -237,10 +237,13 @@ def start_mlflow_server(folder: Path, backend_store_uri: str | None = None, work
 
 @dataclass
 class ModelServer:
-    url: str
     process: subprocess.Popen
     port: int
     log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self) -> "ModelServer":
         """Return once it answers /ping (or fail with its log's end)."""
@@ -263,7 +266,7 @@ def launch_model_server(model_uri: str, tracking_uri: str, folder: Path) -> Mode
     env = {**quiet_env(), "MLFLOW_TRACKING_URI": tracking_uri}
     log_path = folder / "model-server.log"
     process = _launch_http_server(command, env, log_path)
-    return ModelServer(f"http://127.0.0.1:{port}", process, port, log_path)
+    return ModelServer(process, port, log_path)
 
 
 @dataclass
