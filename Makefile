@@ -18,6 +18,10 @@ TORCH_INDEX ?=
 UV_VERSION  ?= 0.13.8
 # `make lock LOCK_FLAGS=--upgrade` moves every pin to the newest release the bounds allow.
 LOCK_FLAGS  ?=
+# Two pytest workers; the server tests run in two groups, one per worker (tests/conftest.py).
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+XDIST       = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 # `make serve` serves the registered model from this tracking store (the demo's by default).
 MLFLOW_TRACKING_URI ?= sqlite:///mlruns.db
 
@@ -69,13 +73,13 @@ demo: $(STAMP)
 	$(PY) -m service.train experiment=demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25 -m "not slow" tests
+	$(PY) -m pytest -q -ra --durations=25 $(XDIST) -m "not slow" tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -ra -m slow tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not integration and not slow" tests
+	$(PY) -m pytest -q -ra $(XDIST) -m "not integration and not slow" tests
 
 bench: $(STAMP)
 	$(PY) bench/towers_cpu.py

@@ -1,7 +1,9 @@
-"""Session fixtures, shared by every test file: one real Ray cluster, one real
-MLflow server (restartable: the outage tests stop and start it), one S3
-server, one tiny ingested dataset and one real trained smoke run, all on
-127.0.0.1 with telemetry off and Ray token auth on."""
+"""Session fixtures, shared by every test file a pytest process runs: one real
+Ray cluster, one real MLflow server (restartable: the outage tests stop and
+start it), one S3 server, one tiny ingested dataset and one real trained smoke
+run, all on 127.0.0.1 with telemetry off and Ray token auth on. `make test`
+runs two pytest-xdist workers, each with its own set for its group of server
+tests (`SERVER_GROUPS` below); `make test TEST_WORKERS=0` runs one process."""
 
 from __future__ import annotations
 
@@ -32,12 +34,51 @@ SERVER_FIXTURES = {"ray_head", "ray_session", "ray_local", "mlflow_server", "mlf
                    "s3_fault_proxy", "tiny_dataset", "trained_run", "two_nodes", "postgres_mlflow", "model_server"}
 
 
+# `make test` runs two pytest-xdist workers (-n 2). Each module with server tests belongs to
+# one of two groups, and a group runs whole in one worker, which starts the session fixtures
+# above for itself: two Ray clusters, two MLflow and S3 servers, side by side. A serial run
+# left one of the two cores idle about a third of the time (waits on servers, restarts,
+# one-threaded start-ups), which the other group's jobs now fill. The groups are balanced by
+# their serial times on the 2-core CI machine (~300 s each): the session's trained run, every
+# module that uses it and the `ray job submit` and sweep tests in "trained"; the fault,
+# placement, data and tracking tests in "jobs". Every other module is a unit of its own (its
+# module fixtures built once), dealt to whichever worker is free.
+SERVER_GROUPS = {
+    "trained": {"test_evaluate.py", "test_serving.py", "test_trained_run.py", "test_model_from_code.py",
+                "test_run_record.py", "test_service_integration.py"},
+    "jobs": {"test_faults.py", "test_placement.py", "test_tracking_faults.py", "test_tracking_load.py",
+             "data/test_ingest.py", "data/test_pipeline.py", "data/test_s3_faults.py", "data/test_storage.py",
+             "data/test_edges.py"},
+}
+GROUP_OF_MODULE = {f"tests/{module}": group for group, modules in SERVER_GROUPS.items() for module in modules}
+
+
 def pytest_collection_modifyitems(items):
     """Mark every test that reaches a server fixture `integration`, so `make test-fast`
-    (-m "not integration and not slow") selects exactly the tests without Ray or servers."""
+    (-m "not integration and not slow") selects exactly the tests without Ray or servers.
+    A server test outside `SERVER_GROUPS` is refused: under xdist it would start a
+    third set of servers in whichever worker it landed on."""
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+            module = item.nodeid.split("::", 1)[0]
+            if module not in GROUP_OF_MODULE:
+                raise pytest.UsageError(f"{module} has server tests ({item.name}) but is in no group of "
+                                        "SERVER_GROUPS in tests/conftest.py: add it to one")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduling by scope, where the scope of a test is its module's server group
+    (`SERVER_GROUPS`), else its module. (xdist's own `--dist loadgroup` does not group
+    under pytest 9: it renames `item._nodeid`, which pytest 9 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ServerGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return GROUP_OF_MODULE.get(module, module)
+
+    return ServerGroupScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

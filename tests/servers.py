@@ -148,6 +148,8 @@ def start_ray_head(temp_dir: str, num_cpus: int = 6) -> RayHead:
         # The job agent's HTTP port is 52365 by default: a second Ray on this machine (another
         # session's) would hold it, and `ray job submit` would find no agent.
         "--dashboard-agent-listen-port", str(free_port()),
+        # 10001 by default: the other pytest-xdist worker's cluster (tests/conftest.py) would hold it.
+        "--ray-client-server-port", str(free_port()),
         "--num-cpus", str(num_cpus),
         "--temp-dir", temp_dir,
         "--disable-usage-stats",
