@@ -186,11 +186,13 @@ def run_decode_limit(root: str, images: int, share_rows: int) -> dict:
 
 
 def share_nbytes(share: dict) -> int:
-    """Bytes of one consumed share's buffers (device mode: the JPEG bytes objects' lengths)."""
+    """Bytes of one consumed share's buffers (device mode: the JPEGs' lengths)."""
     total = 0
     for value in share.values():
-        value = np.asarray(value)
-        total += sum(len(v) for v in value) if value.dtype == object else value.nbytes
+        if isinstance(value, list) or np.asarray(value).dtype == object:
+            total += sum(len(v) for v in value)
+        else:
+            total += np.asarray(value).nbytes
     return total
 
 
@@ -219,7 +221,7 @@ def run_epoch(source: DataSource, epoch: int, tree: ProcessTree, loader, decoder
     images = consumed = 0
     prepare = decode_call = 0.0
     steady: dict = {}
-    for share in iter_shares(dataset, share_rows):
+    for share in iter_shares(dataset, share_rows, source.decode):
         n = len(share["label"])
         consumed += share_nbytes(share)
         before_decode = timed.seconds if timed else 0.0

@@ -366,7 +366,7 @@ def _epoch_batches(payload: WorkerPayload, groups, device: torch.device, split: 
         dataset = lane_dataset(payload.data, split, epoch if split == "train" else 0, lane, share_rows,
                                skip_shares=done_batches, concurrency=payload.read_tasks_per_lane,
                                object_store_bytes=budget)
-        shares = _reporting_skipped_shards(iter_shares(dataset, share_rows), payload.data, split, groups)
+        shares = _reporting_skipped_shards(iter_shares(dataset, share_rows, payload.data.decode), payload.data, split, groups)
         return tower_batches(shares, lambda share: loader(share, split), groups, device)
 
     return for_epoch

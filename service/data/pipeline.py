@@ -3,7 +3,7 @@
     driver:  source = open_source(data_cfg, image_size, num_replicas, decode)   # meta.json, checks
     worker (tower t of replica r), for each epoch:
         ds = lane_dataset(source, "train", epoch, Lane(r, R, t, T), share_rows, skip_shares, tasks)
-        for share in iter_shares(ds, share_rows): ...   # this tower's 1/T of each batch
+        for share in iter_shares(ds, share_rows, source.decode): ...   # this tower's 1/T of each batch
 
 Every tower reads its own lane (`service.data.epochs`): no process carries
 its replica's whole input. The rows and their order are a pure function of
@@ -15,11 +15,12 @@ Ray Data graph: `from_items(share units)` (no task) -> `map_batches(read)`
 with `concurrency` tasks of 1 CPU each; each task reads its shard slices
 itself (Parquet, column projection) and yields one batch dict per share.
 Blocks hold whole shares: a share of decoded crops (cpu mode, ~5-20 MB) is
-a block of its own; JPEG shares (device mode, ~1 MB) travel a few to a
-block, because Ray's cost in the consuming process is per block (measured
-here: ~6 ms of CPU per block, mostly its streaming executor, against
-~0.05 ms per image). The consumer slices shares out of blocks without a
-copy: no stitching across blocks, no `select_columns` copy. There is no separate read or listing stage: a
+a block of its own; JPEG shares (device mode) travel as pyarrow Tables,
+many to a block of up to ~16 MB, because Ray's cost in the consuming process
+is per block and per batch it formats (measured here, shares of 128: 4 MB
+blocks 0.15 ms/image of consumer CPU, 16 MB 0.11, and whole blocks taken as
+pyarrow and sliced here 0.08). The consumer slices shares out of blocks
+without a copy: no stitching across blocks, no `select_columns` copy. There is no separate read or listing stage: a
 1-CPU listing task can starve once training workers and read tasks hold
 every CPU (seen on 2 cores), and a 0-CPU stage could land on a GPU-less head
 started with --num-cpus 0. Output order is the plan's (`preserve_order`).
@@ -44,15 +45,15 @@ import numpy as np
 
 from service.data.epochs import DataSource, Lane, ShareUnit, lane_range, open_source, share_units
 from service.data.meta import DatasetMeta
-from service.data.read import read_shares
+from service.data.read import read_shares, share_arrays
 
 # Smallest slice worth a task of its own (Ray's per-task overhead).
 MIN_ROWS_PER_TASK = 64
 # Typical stored JPEG bytes per pixel of the shorter-side-256 shards (~30 KB for 256x341);
 # only sizes blocks in device mode, where a share's bytes vary with its images.
 JPEG_BYTES_PER_PIXEL = 0.35
-# Blocks of about this size carry several small (JPEG) shares; larger shares are a block each.
-TARGET_BLOCK_BYTES = 4 << 20
+# Blocks of about this size carry several JPEG shares (device mode); pixel shares are a block each.
+TARGET_BLOCK_BYTES = 16 << 20
 # The part of the object store all lanes of a node may fill with shares in flight.
 OBJECT_STORE_FRACTION = 0.5
 
@@ -125,17 +126,35 @@ def lane_dataset(source: DataSource, split: str, epoch: int, lane: Lane, share_r
                           batch_format="numpy", num_cpus=1, compute=ray.data.TaskPoolStrategy(size=tasks))
 
 
-def iter_shares(dataset, share_rows: int, prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
-    """The lane's shares from its dataset, as numpy batches (a block is a share, so
-    no rows are stitched across blocks)."""
-    return dataset.iter_batches(batch_size=share_rows, batch_format="numpy", prefetch_batches=prefetch)
+def iter_shares(dataset, share_rows: int, decode: str, prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """The lane's shares from its dataset (`decode`: the source's mode), as dicts of numpy
+    columns. cpu mode: a block is a share, taken as numpy. device mode: whole blocks of JPEG
+    shares taken as pyarrow and cut into shares here, without a copy (`share_arrays`)."""
+    if decode == "cpu":
+        yield from dataset.iter_batches(batch_size=share_rows, batch_format="numpy", prefetch_batches=prefetch)
+        return
+    import pyarrow as pa
+
+    carry = None  # rows of a share cut by a block boundary (blocks hold whole shares: not expected)
+    for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch):
+        if carry is not None:
+            block, carry = pa.concat_tables([carry, block]), None
+        whole = block.num_rows - block.num_rows % share_rows
+        for lo in range(0, whole, share_rows):
+            yield share_arrays(block.slice(lo, share_rows))
+        if whole < block.num_rows:
+            carry = block.slice(whole)
+    if carry is not None:  # a validation lane's last, shorter share
+        yield share_arrays(carry)
 
 
 def iter_lane_local(source: DataSource, split: str, epoch: int, lane: Lane, share_rows: int,
                     skip_shares: int = 0, with_keys: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """The shares of `lane_dataset`, same order and content, read in this process (no Ray)."""
+    """The shares of `lane_dataset` as `iter_shares` gives them, same order and content,
+    read in this process (no Ray)."""
     for unit in share_units(source, split, epoch, lane, share_rows, skip_shares):
-        yield from read_shares(source, unit, with_keys)
+        for share in read_shares(source, unit, with_keys):
+            yield share if isinstance(share, dict) else share_arrays(share)
 
 
 def object_store_budget(num_lanes: int) -> float:

@@ -107,7 +107,22 @@ def pca_lighting_offset(
     Units are those of `eigval` (meta.json: [0, 1]; multiply by 255 for pixels).
     """
     alpha = rng.normal(0.0, std, size=(n, 3)) if std > 0 else np.zeros((n, 3))
-    return (alpha * np.asarray(eigval, dtype=np.float64)) @ np.asarray(eigvec, dtype=np.float64).T
+    return pca_lighting_from_alpha(alpha, eigval, eigvec)
+
+
+def pca_lighting_from_alpha(alpha: np.ndarray, eigval: Sequence[float], eigvec: Sequence[Sequence[float]]) -> np.ndarray:
+    """[n, 3] RGB offsets `eigvec @ (alpha * eigval)` for given alphas [n, 3] (the paper's PCA lighting)."""
+    return (np.asarray(alpha, np.float64) * np.asarray(eigval, dtype=np.float64)) @ \
+        np.asarray(eigvec, dtype=np.float64).T
+
+
+def standard_normals(uniforms: np.ndarray) -> np.ndarray:
+    """N(0, 1) draws from uniforms in [0, 1) (Box-Muller: each pair of columns gives two), [n, 2k] -> [n, 2k]."""
+    u1, u2 = uniforms[:, 0::2], uniforms[:, 1::2]
+    radius, angle = np.sqrt(-2.0 * np.log1p(-u1)), 2.0 * np.pi * u2
+    out = np.empty_like(uniforms, dtype=np.float64)
+    out[:, 0::2], out[:, 1::2] = radius * np.cos(angle), radius * np.sin(angle)
+    return out
 
 
 def random_resized_crop_box(

@@ -39,8 +39,10 @@ def _source(root: str, decode: str = "cpu", resize_size: int = 48, **overrides) 
                               decode=decode)
 
 
-def _concat(shares: list[dict]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([s[k] for s in shares]) for k in shares[0]}
+def _concat(shares: list[dict]) -> dict:
+    """The shares' columns end to end (device mode's `jpeg` is a list of views)."""
+    return {k: sum((list(s[k]) for s in shares), []) if isinstance(shares[0][k], list)
+            else np.concatenate([s[k] for s in shares]) for k in shares[0]}
 
 
 def test_lane_dataset_equals_the_plan_and_the_local_iterator_in_blocks_of_whole_shares(ray_local, root):
@@ -48,7 +50,7 @@ def test_lane_dataset_equals_the_plan_and_the_local_iterator_in_blocks_of_whole_
         source = _source(root, decode)
         for lane, skip in ((Lane(0, 2, 0, 2), 0), (Lane(1, 2, 1, 2), 1)):
             ds = lane_dataset(source, "train", 1, lane, SHARE, skip_shares=skip, concurrency=2, with_keys=True)
-            shares = list(iter_shares(ds, SHARE))
+            shares = list(iter_shares(ds, SHARE, decode))
             local = list(iter_lane_local(source, "train", 1, lane, SHARE, skip, with_keys=True))
             assert [len(s["label"]) for s in shares] == [SHARE] * len(local)
             rows, expected = _concat(shares), _concat(local)
@@ -82,7 +84,7 @@ def test_both_decode_modes_give_the_same_batch(ray_local, root, resize_size, max
     for decode in ("cpu", "device"):
         source = _source(root, decode, resize_size)
         loader = ShareLoader(source, torch.device("cpu"))
-        shares = list(iter_shares(lane_dataset(source, "train", 2, lane, SHARE, concurrency=2), SHARE))
+        shares = list(iter_shares(lane_dataset(source, "train", 2, lane, SHARE, concurrency=2), SHARE, decode))
         batches = [loader(share, "train") for share in shares]
         results[decode] = (_concat([{k: v for k, v in s.items() if k != "jpeg"} for s in shares]),
                            torch.cat([b["image"] for b in batches]).int())
@@ -101,7 +103,7 @@ def test_val_ten_crops_every_image_once_over_lanes(ray_local, root):
         loader = ShareLoader(source, torch.device("cpu"))
         for lane in [Lane(r, 2, t, 2) for r in range(2) for t in range(2)]:
             shares = list(iter_shares(lane_dataset(source, "val", 0, lane, SHARE, concurrency=2, with_keys=True),
-                                      SHARE))
+                                      SHARE, decode))
             images = torch.cat([loader(s, "val")["image"] for s in shares])
             assert images.shape[1:] == (10, 32, 32, 3) and not np.any(_concat(shares)["lighting"])
             parts.append((decode, lane, list(_concat(shares)["key"]), images))
@@ -115,7 +117,7 @@ def test_val_ten_crops_every_image_once_over_lanes(ray_local, root):
 def test_build_pipeline_gives_whole_epoch_zero(ray_local, root):
     data = build_pipeline(DataConfig(root=root, resize_size=48, decode_concurrency=2), 32, 1, share_rows=8)
     assert data.meta.num_train == 45 and data.train.count() == 40, "whole shares of 8 rows: 5 left over"
-    assert sorted(_concat(list(iter_shares(data.val, 8)))["key"]) == \
+    assert sorted(_concat(list(iter_shares(data.val, 8, "cpu")))["key"]) == \
         sorted(lane_keys(data.source, "val", 0, Lane(0, 1)))
 
 
@@ -127,7 +129,8 @@ def test_bad_shard_through_ray_names_it_or_is_stood_in_for(ray_local, tmp_path):
     source = epochs.open_source(DataConfig(root=str(tmp_path), resize_size=48), 32, 1)
     # Ray raises RayTaskError(BadShardError): an instance of BadShardError too.
     with pytest.raises(BadShardError, match="bad shard .*part-00001.parquet"):
-        list(iter_shares(lane_dataset(source, "train", 0, Lane(0, 1), SHARE, concurrency=2), SHARE))
+        list(iter_shares(lane_dataset(source, "train", 0, Lane(0, 1), SHARE, concurrency=2), SHARE, "cpu"))
     skipping = epochs.open_source(DataConfig(root=str(tmp_path), resize_size=48, skip_bad_shards=True), 32, 1)
-    rows = _concat(list(iter_shares(lane_dataset(skipping, "train", 0, Lane(0, 1), SHARE, concurrency=2), SHARE)))
+    dataset = lane_dataset(skipping, "train", 0, Lane(0, 1), SHARE, concurrency=2)
+    rows = _concat(list(iter_shares(dataset, SHARE, "cpu")))
     assert len(rows["label"]) == 24 and int(np.sum(rows["bad_shard"] == 1)) == 8

@@ -54,7 +54,7 @@ def test_ingest_train_and_checkpoint_through_a_faulty_s3(ray_local, s3_server, s
     for replica in range(2):
         lane = Lane(replica, 2)
         dataset = lane_dataset(source, "train", 0, lane, 8, concurrency=2, with_keys=True)
-        rows = [k for share in iter_shares(dataset, 8) for k in share["key"]]
+        rows = [k for share in iter_shares(dataset, 8, source.decode) for k in share["key"]]
         assert rows == lane_keys(source, "train", 0, lane, 8), "every planned key, once, in order"
     assert len(rows) == (source.meta.num_train // 2) // 8 * 8
     _report("ingest + epoch", proxy)

@@ -11,8 +11,9 @@ from PIL import Image
 
 from service.data import formats, transforms
 from service.data.decode import eval_image, train_image
-from service.data.epochs import DataSource, image_stream
+from service.data.epochs import DataSource, image_stream, image_uniforms
 from service.data.meta import DatasetMeta
+from service.data.params import share_params, train_params
 from service.data.storage import S3Settings
 
 
@@ -81,6 +82,40 @@ def test_pca_lighting_statistics_match_the_paper_formula():
     # Projected on the eigenvectors, the components are independent with std = std * lambda_i.
     assert np.allclose((offsets @ q).std(axis=0), std * eigval, rtol=0.02)
     assert np.array_equal(transforms.pca_lighting_offset(np.random.default_rng(0), eigval, q, 0.0, 5), np.zeros((5, 3)))
+
+
+def test_a_share_draws_the_papers_augmentation_per_image_whatever_shares_it():
+    """`share_params` draws a whole share at once from `image_uniforms`: each image's
+    parameters are a pure function of (seed, epoch, key), with the paper's distributions."""
+    source, n = _source(image_size=64, resize_size=72), 20_000
+    keys = [f"n{i % 7}/img_{i}.JPEG" for i in range(n)]
+    heights, widths = np.full(n, 72), np.full(n, 96)
+    params = share_params(source, "train", 3, keys, heights, widths)
+    # Crop: every one of the 9 x 9 positions of a 64² window in the central 72² square, evenly.
+    top, left = params["box"][:, 0], params["box"][:, 1] - 12
+    counts = np.bincount((top * 9 + left).astype(int), minlength=81)
+    assert counts.size == 81 and counts.min() > 0.8 * n / 81 and counts.max() < 1.2 * n / 81
+    assert np.all(params["box"][:, 2:] == 64) and np.all(params["resize"] == (72, 96))
+    assert abs(params["flip"].mean() - 0.5) < 0.02
+    # Lighting: 255 * eigvec @ (alpha * eigval), alpha ~ N(0, 0.1^2) (eigvec = I here).
+    alpha = params["lighting"] / 255.0 / np.array(source.meta.eigval)
+    assert np.allclose(alpha.mean(axis=0), 0, atol=0.005) and np.allclose(alpha.std(axis=0), 0.1, rtol=0.03)
+    assert abs(np.corrcoef(alpha.T)[0, 1]) < 0.03
+    # The same image gets the same draw alone or in any share; another epoch or seed draws anew.
+    for i in (0, 4321, n - 1):
+        one = train_params(source, keys[i], 3, 72, 96)
+        assert one.box == tuple(params["box"][i]) and one.flip == params["flip"][i]
+        assert np.array_equal(one.lighting, params["lighting"][i])
+    assert np.array_equal(image_uniforms(1, 3, keys[5:9]), image_uniforms(1, 3, keys)[5:9])
+    assert not np.any(image_uniforms(1, 4, keys[:50]) == image_uniforms(1, 3, keys[:50]))
+    assert not np.any(image_uniforms(2, 3, keys[:50]) == image_uniforms(1, 3, keys[:50]))
+    uniforms = image_uniforms(1, 3, keys)
+    assert uniforms.min() >= 0 and uniforms.max() < 1 and np.allclose(uniforms.mean(axis=0), 0.5, atol=0.01)
+    normals = transforms.standard_normals(uniforms[:, :4])
+    assert np.allclose(normals.mean(axis=0), 0, atol=0.03) and np.allclose(normals.std(axis=0), 1, rtol=0.03)
+    # hflip off: no flips, and nothing else moves.
+    unflipped = share_params(_source(hflip=False), "train", 3, keys[:200], heights[:200], widths[:200])
+    assert not unflipped["flip"].any() and np.array_equal(unflipped["box"], params["box"][:200])
 
 
 def test_random_resized_crop_box_respects_scale_and_ratio():
