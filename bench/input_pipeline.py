@@ -1,10 +1,11 @@
 """Input pipeline, both decode modes: CPU-seconds per image by process class, object-store bytes, decode limit.
 
     python bench/input_pipeline.py [--quick] [--images N] [--epochs E] [--cores C] [--share-rows S]
-                                   [--no-dashboard]
+                                   [--shard-size K] [--no-dashboard]
 
 On a synthetic ImageNet-like dataset (~500x375 raw JPEGs ingested to
-shorter-side-256 shards, cached under data/bench/), a local Ray cluster of
+shorter-side-256 shards of `shard_size` images, ingest's default 1,000 as
+for ImageNet; cached under data/bench/), a local Ray cluster of
 `cores` CPUs runs, for each mode (data.decode=cpu and =device), one lane's
 `lane_dataset` per epoch (Lane(0, 1): one replica, one tower; shares of
 `share_rows` rows; `cores` read tasks; the lane's object-store budget as
@@ -101,19 +102,19 @@ CPU_TOTAL_RATIO = 1.25
 CPU_STEADY_RATIO = 0.7
 
 
-def prepare_data(num_images: int, cores: int, log) -> str:
+def prepare_data(num_images: int, cores: int, shard_size: int, log) -> str:
     """Raw synthetic JPEGs and their ingested shards (cached under data/bench/); the shard root."""
     classes = 10
     per_class = max(1, num_images // classes)
     base = ROOT / "data" / "bench" / f"input_pipeline-{classes}x{per_class}"
-    raw, shards = str(base / "raw"), str(base / "shards")
+    raw, shards = str(base / "raw"), str(base / f"shards-{shard_size}")
     if not os.path.isfile(os.path.join(raw, "synth_manifest.json")):
         start = time.time()
         storage.delete_prefix(raw)
         generate(SynthConfig(out=raw, classes=classes, images_per_class=per_class, val_per_class=2,
                              layout="imagefolder", seed=0, size_scale=1.0, workers=cores))
         log(f"generated {classes * per_class} raw images in {time.time() - start:.0f} s -> {raw}")
-    run_ingest(IngestConfig(source=raw, dest=shards, resize_size=RESIZE, shard_size=500), log=log)
+    run_ingest(IngestConfig(source=raw, dest=shards, resize_size=RESIZE, shard_size=shard_size), log=log)
     return shards
 
 
@@ -420,6 +421,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3, help="measured epochs per mode (after one warm-up)")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--share-rows", type=int, default=128, help="rows per share (batch / towers)")
+    parser.add_argument("--shard-size", type=int, default=IngestConfig.shard_size,
+                        help="images per ingested shard (ingest's default; a read task reads at most one shard's rows)")
     parser.add_argument("--limit-images", type=int, default=1024, help="images in each decode-limit measurement")
     parser.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
     parser.add_argument("--idle-seconds", type=float, default=3.0, help="idle-cluster CPU measured over this long")
@@ -438,7 +441,7 @@ def main() -> int:
     from service.data.pipeline import object_store_budget
 
     try:
-        root = prepare_data(args.images, args.cores, log)
+        root = prepare_data(args.images, args.cores, args.shard_size, log)
         cfg = DataConfig(root=root, resize_size=RESIZE, augmentation="paper", shuffle_seed=0)
         sources = {mode: open_source(cfg, IMAGE_SIZE, 1, decode=mode) for mode in MODES}
         jpegs = shard_jpegs(sources["cpu"])
@@ -472,7 +475,7 @@ def main() -> int:
     record = {
         "benchmark": "input_pipeline", "git": git_revision(), "machine": machine(),
         "config": {"images": len(jpegs), "epochs": args.epochs, "cores": args.cores, "read_tasks": args.cores,
-                   "share_rows": args.share_rows, "image_size": IMAGE_SIZE, "resize_size": RESIZE,
+                   "share_rows": args.share_rows, "shard_size": args.shard_size, "image_size": IMAGE_SIZE, "resize_size": RESIZE,
                    "augmentation": "paper", "quick": args.quick, "dashboard": not args.no_dashboard,
                    "object_store_budget_bytes": budget, "decode_limit_images": args.limit_images,
                    "consumer_device": "cpu", "raw_mean_size": "~500x375 synthetic JPEG"},

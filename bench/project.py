@@ -74,11 +74,11 @@ ASSUMED_DEVICE_DECODE_PER_GPU = 2 * 7_000.0
 ASSUMED_DEVICE_HOST_S = 20e-6
 # Pinning the cpu mode's pixels before the copy (ShareLoader: pin_memory), memcpy GB/s.
 ASSUMED_PIN_GB_PER_S = 8.0
-# bench/input_pipeline.py on the 2-core dev VM (steady CPU ms per image, 2026-12-03: the
-# README's input-pipeline table, 4,000 images, 3 epochs per mode), used when
+# bench/input_pipeline.py on the 2-core dev VM (steady CPU ms per image, 2026-12-03, run A of the
+# README's input-pipeline table, 4,000 images in shards of 1,000, 3 epochs per mode), used when
 # bench/results/input_pipeline.json is absent: {mode: (read tasks, Ray system, consumer
 # deliver, bytes per image to the device)}. So a fresh clone prints the README's projection.
-DEV_VM_COSTS_MS = {"cpu": (0.594, 0.026, 0.081, 150_577.0), "device": (0.109, 0.031, 0.040, 19_967.0)}
+DEV_VM_COSTS_MS = {"cpu": (0.490, 0.023, 0.072, 150_577.0), "device": (0.052, 0.021, 0.022, 19_956.0)}
 TOWER_COUNTS = (1, 2, 4, 8)
 # Issue #15's projection targets (device decode): minutes for 90 epochs.
 TARGET_MINUTES = {("1x8", 1): 20.0, ("4x2", 1): 20.0, ("16x8", 16): 2.0}
