@@ -16,17 +16,12 @@ from dataclasses import dataclass
 import ray
 
 from service.config import Config
+from service.verbosity import VERBOSE_ENV
+from service.verbosity import verbose as ray_verbose
 
-# The one switch that brings Ray's internal logging back (documented in the README).
-VERBOSE_ENV = "ALEXNET_RAY_VERBOSE"
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow")
-
-
-def ray_verbose() -> bool:
-    """Whether Ray's INFO logging (execution banners, report lines) is wanted."""
-    return os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
 
 
 def quiet_ray_start() -> None:

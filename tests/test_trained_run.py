@@ -80,10 +80,14 @@ def test_registered_versions_and_the_best_alias(trained_run, tmp_path):
 def test_the_console_links_the_run_page_and_nothing_else(trained_run):
     """Against a tracking server MLflow would print its own run and experiment
     links at each run end; the experiment's opens the GenAI overview. Each
-    part prints the one line of the summary that opens the run page."""
+    part prints the one line of the summary that opens the run page, and says
+    which model version it registered without MLflow's own lines."""
     server = trained_run.tracking_uri.rstrip("/")
     for output in trained_run.outputs:
         assert "View experiment at" not in output and "View run" not in output, output[-3000:]
+        # MLflow's own registration lines: the summary's "registered <name> v<k>" says it once.
+        assert "Successfully registered model" not in output and "Created version" not in output, output[-3000:]
+        assert re.search(rf"registered\s+{trained_run.model_name} v\d+", output), output[-3000:]
         links = re.findall(rf"{re.escape(server)}/#/\S*", output)
         assert len(links) == 1, links
         assert re.fullmatch(rf".*/#/experiments/\d+/runs/{trained_run.run_id}\?workflowType=machine_learning",

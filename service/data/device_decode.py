@@ -39,9 +39,9 @@ from torch.nn import functional as F
 
 from service.data import transforms
 from service.data.epochs import DataSource
+from service.verbosity import verbose
 
 Batch = dict[str, torch.Tensor]
-VERBOSE_ENV = "ALEXNET_RAY_VERBOSE"
 
 
 @contextmanager
@@ -50,7 +50,7 @@ def _native_output_silenced():
     library it cannot find (nvJPEG2000, nvTIFF; nvJPEG on a CPU machine) straight
     to file descriptors 1 and 2; none of them matters for JPEG decoding here.
     ALEXNET_RAY_VERBOSE=1 shows them."""
-    if os.environ.get(VERBOSE_ENV) == "1":
+    if verbose():
         yield
         return
     sys.stdout.flush()

@@ -12,11 +12,13 @@ and moves the alias (default "best") to the version with the lowest
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 from service.config import TrackingConfig
 from service.tracking.mlflow_tracker import RunHandle, client_for
+from service.verbosity import verbose
 
 VAL_ERROR_TAG = "val_top1_error"
 MODEL_NAME = "model"  # the LoggedModel's name in its run: runs:/<run id>/model
@@ -87,7 +89,6 @@ def log_trained_model(
                 signature=pyfunc.signature(),
                 input_example=pyfunc.input_example(),
                 pip_requirements=_pip_requirements(),
-                registered_model_name=tracking.registered_model or None,
                 params={"architecture": spec.name, "towers": str(spec.towers), "num_classes": str(spec.num_classes),
                         "image_size": str(spec.image_size), "resize_size": str(resize_size), "crops": str(crops)},
                 # MLflow attaches the run's metrics at this step (the epoch's
@@ -96,7 +97,8 @@ def log_trained_model(
             )
     if not tracking.registered_model:
         return None
-    version = str(info.registered_model_version)
+    with _registration_quiet():
+        version = str(mlflow.register_model(info.model_uri, tracking.registered_model).version)
     client = client_for(handle.tracking_uri)
     error = metrics.get("val_top1_error")
     if error is not None:
@@ -104,6 +106,24 @@ def log_trained_model(
     if _is_best(client, tracking, error):
         client.set_registered_model_alias(tracking.registered_model, tracking.best_alias, version)
     return version
+
+
+@contextmanager
+def _registration_quiet():
+    """MLflow prints "Successfully registered model ..." / "Created version ..." straight to
+    its event stream (not through a logger a level could quiet); the run summary says
+    "registered <name> v<k>" instead. ALEXNET_RAY_VERBOSE=1 shows them. Only the
+    registration call is wrapped, so MLflow's warnings about the logged model still show."""
+    from mlflow.utils.logging_utils import disable_logging, enable_logging
+
+    if verbose():
+        yield
+        return
+    disable_logging()
+    try:
+        yield
+    finally:
+        enable_logging()
 
 
 def _is_best(client, tracking: TrackingConfig, error: Optional[float]) -> bool:
