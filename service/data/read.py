@@ -180,7 +180,10 @@ def _bad_image(uri: str, key: str, err: Exception) -> BadShardError:
 def binary_views(array) -> list[np.ndarray]:
     """The values of a pyarrow binary array as uint8 numpy views of its data buffer (no copy;
     each view keeps the buffer alive). Both decoders take them as they take bytes."""
-    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
+    import pyarrow as pa
+
+    width = np.int64 if pa.types.is_large_binary(array.type) else np.int32
+    offsets = np.frombuffer(array.buffers()[1], width)[array.offset:array.offset + len(array) + 1]
     data = array.buffers()[2]
     values = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
     return [values[offsets[i]:offsets[i + 1]] for i in range(len(array))]

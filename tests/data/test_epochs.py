@@ -15,7 +15,7 @@ from service.data.decode import train_image
 from service.data.device_decode import ShareLoader
 from service.data.epochs import Lane
 from service.data.pipeline import decode_tasks_per_lane, iter_lane_local
-from service.data.read import BadShardError, lane_keys, skipped_shards
+from service.data.read import BadShardError, binary_views, lane_keys, skipped_shards
 from tests.data.shards import write_dataset
 
 NUM_TRAIN, NUM_VAL = 41, 11  # odd, so replicas do not divide them
@@ -205,3 +205,13 @@ def test_skip_bad_shards_keeps_the_row_count_and_counts_them(damaged_root):
 def _shard_keys(root: str, shard: int) -> list[str]:
     """Keys the generator put in train shard `shard` (rows shard*6 .. shard*6+5)."""
     return [f"train/n{i % 3:08d}/img_{i:05d}.JPEG" for i in range(shard * 6, shard * 6 + 6)]
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_binary_views_are_the_values_of_a_sliced_array_without_a_copy(large):
+    import pyarrow as pa
+
+    array = pa.array([b"ab", b"", b"cde", b"f"], pa.large_binary() if large else pa.binary()).slice(1, 3)
+    views = binary_views(array)
+    assert [bytes(v) for v in views] == [b"", b"cde", b"f"]
+    assert all(v.dtype == np.uint8 and not v.flags.owndata for v in views), "views of Arrow's buffer"
