@@ -158,9 +158,8 @@ class ShareLoader:
             self._in_flight.popleft()
         with _native_output_silenced():
             decoded = self._decoder.decode(jpegs, cuda_stream=stream)
-        crops = () if split == "train" or source.eval_crop_count == 1 else (source.eval_crop_count,)
-        out = torch.empty((len(jpegs), *crops, size, size, 3), dtype=torch.uint8, device=device)
         resize, box = np.asarray(share["resize"]), np.asarray(share["box"])
+        rows = []
         for row, image in enumerate(decoded):
             if image is None:
                 raise ValueError(f"row {row} of this share is not a JPEG nvImageCodec can decode "
@@ -169,11 +168,15 @@ class ShareLoader:
             top, left, height, width = (int(v) for v in box[row])
             cut = scaled[top:top + height, left:left + width]
             if split != "train":
-                out[row] = eval_crops(cut, size, source.eval_crops, source.hflip)
+                rows.append(eval_crops(cut, size, source.eval_crops, source.hflip))
             elif source.augmentation == "paper":
-                out[row] = cut
+                rows.append(cut)  # a view: the stack below is its one copy
             else:
-                out[row] = scale_image(cut, size, size)
+                rows.append(scale_image(cut, size, size))
+        # One stack, not a copy per row: on a GPU torch copies many inputs per kernel launch,
+        # so the tower's host work per image is not a launch per image.
+        crops = () if split == "train" or source.eval_crop_count == 1 else (source.eval_crop_count,)
+        out = torch.stack(rows) if rows else torch.empty((0, *crops, size, size, 3), dtype=torch.uint8, device=device)
         if device.type == "cuda":
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(device))
