@@ -69,8 +69,9 @@ ASSUMED_SMT_EFFICIENCY = 0.65
 # ImageNet (shorter side 256), so ~14k/s. Not scaled up for H100/H200's 7 NVJPG engines
 # (A100 has one): a floor until bench/gpu.sh (device_decode_rate.py) measures it.
 ASSUMED_DEVICE_DECODE_PER_GPU = 2 * 7_000.0
-# Host work of the decode call on a GPU per image (parse headers, submit to the engine) and
-# ShareLoader's per-row crop copy launch: not measurable on the CPU device here.
+# Host work per image on a GPU: the decode call (parse headers, submit to the engine) and
+# ShareLoader's per-row work (wrap the decoded image, slice its crop; the crops are then
+# stacked in one call): not measurable on the CPU device here.
 ASSUMED_DEVICE_HOST_S = 20e-6
 # Pinning the cpu mode's pixels before the copy (ShareLoader: pin_memory), memcpy GB/s.
 ASSUMED_PIN_GB_PER_S = 8.0
