@@ -79,7 +79,7 @@ ASSUMED_PIN_GB_PER_S = 8.0
 # README's input-pipeline table, 4,000 images in shards of 1,000, 3 epochs per mode), used when
 # bench/results/input_pipeline.json is absent: {mode: (read tasks, Ray system, consumer
 # deliver, bytes per image to the device)}. So a fresh clone prints the README's projection.
-DEV_VM_COSTS_MS = {"cpu": (0.490, 0.023, 0.072, 150_577.0), "device": (0.052, 0.021, 0.022, 19_956.0)}
+DEV_VM_COSTS_MS = {"cpu": (0.4896, 0.0234, 0.0722, 150_577.0), "device": (0.0521, 0.0208, 0.0223, 19_956.0)}
 TOWER_COUNTS = (1, 2, 4, 8)
 # Issue #15's projection targets (device decode): minutes for 90 epochs.
 TARGET_MINUTES = {("1x8", 1): 20.0, ("4x2", 1): 20.0, ("16x8", 16): 2.0}
@@ -122,7 +122,7 @@ def input_costs(pipeline: dict | None, decode_per_gpu: float, decode_source: str
                       f"{pipeline['config']['cores']} cores, commit {pipeline['git']['commit'][:8]})")
         else:
             read, system, deliver, to_device = DEV_VM_COSTS_MS[mode]
-            origin = "assumed: bench/input_pipeline.py's figures on the 2-core dev VM (2026-12-01)"
+            origin = "assumed: bench/input_pipeline.py's figures on the 2-core dev VM (2026-12-03, run A in the README)"
         host = (to_device / (ASSUMED_PIN_GB_PER_S * 1e9) if mode == "cpu" else ASSUMED_DEVICE_HOST_S)
         out[mode] = InputCosts(mode, read_cpu_s=read / 1e3, system_cpu_s=system / 1e3,
                                consumer_cpu_s=deliver / 1e3 + host, host_to_device_bytes=to_device,
