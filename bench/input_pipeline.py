@@ -190,10 +190,8 @@ def share_nbytes(share: dict) -> int:
     """Bytes of one consumed share's buffers (device mode: the JPEGs' lengths)."""
     total = 0
     for value in share.values():
-        if isinstance(value, list) or np.asarray(value).dtype == object:
-            total += sum(len(v) for v in value)
-        else:
-            total += np.asarray(value).nbytes
+        array = None if isinstance(value, list) else np.asarray(value)
+        total += sum(len(v) for v in value) if array is None or array.dtype == object else array.nbytes
     return total
 
 

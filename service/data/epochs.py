@@ -171,9 +171,9 @@ def image_uniforms(seed: int, epoch: int, keys: Sequence[str]) -> np.ndarray:
     of the draw is vectorised over the share (bench/input_pipeline.py: the per-image Generator
     was half of a device-mode read task's CPU).
     """
-    person = struct.pack("<QQ", seed & _MASK64, epoch & _MASK64)
+    person, salt = struct.pack("<QQ", seed & _MASK64, epoch & _MASK64), _IMAGE.to_bytes(8, "little")
     digests = b"".join(hashlib.blake2b(key.encode("utf-8"), digest_size=8 * IMAGE_UNIFORMS, person=person,
-                                       salt=_IMAGE.to_bytes(8, "little")).digest() for key in keys)
+                                       salt=salt).digest() for key in keys)
     words = np.frombuffer(digests, dtype="<u8").reshape(len(keys), IMAGE_UNIFORMS)
     return (words >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
